@@ -1,0 +1,177 @@
+"""MixUp / CutMix as a callback over :mod:`lightning_tricks.functional.mixing`."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_tricks.callbacks._base import TrickCallback
+from lightning_tricks.functional._checks import check_choice, check_number
+from lightning_tricks.functional.mixing import box_lambda, box_mask, mix_pair, sample_box, sample_lambda
+
+if TYPE_CHECKING:
+    from lightning_tricks.mixin import TricksMixin
+
+MODES = ("batch", "elem")
+
+
+class Mixup(TrickCallback):
+    r"""MixUp and CutMix on the training batches, with soft targets and a float32 loss.
+
+    Each training batch is, with probability ``prob``, mixed with a random permutation of itself:
+    MixUp blends whole samples with :math:`\lambda \sim \mathrm{Beta}(\alpha, \alpha)`; CutMix pastes a box
+    of the partner (side :math:`\propto \sqrt[d]{1-\lambda}`, :math:`\lambda \sim \mathrm{Beta}(\alpha_c, \alpha_c)`)
+    and re-weights the targets by the pasted area. :math:`\lambda` is the weight of sample ``i`` itself.
+
+    Args:
+        alpha: MixUp's Beta parameter (> 0 enables MixUp; the guide's default 0.2; 0 disables it).
+        cutmix_alpha: CutMix's Beta parameter (> 0 enables CutMix; 0 disables it).
+        prob: probability of mixing a batch (``"batch"``) or a sample (``"elem"``), in [0, 1].
+        switch_prob: with both enabled, probability of CutMix instead of MixUp, in [0, 1].
+        mode: ``"batch"``: one :math:`\lambda` (and box) per batch; ``"elem"``: one per sample.
+        cutmix_minmax: ``(lo, hi)``: box sides uniform in ``[lo, hi)`` of each dimension instead of drawn
+            from :math:`\lambda` (as timm's ``cutmix_minmax``).
+        stop_epoch: from this epoch on (0-based) batches are no longer mixed (common practice: the last
+            epochs unmixed). ``None`` mixes to the end.
+        seed: base seed; ``None`` takes Lightning's ``seed_everything`` seed (or torch's initial seed).
+
+    Randomness is drawn on the host from a generator keyed by ``(seed, global rank, batch counter)``:
+    the same under ``seed_everything``, different on each DDP rank, exactly resumed from a checkpoint
+    (the batch counter is restored by Lightning's loops), and never a host-device sync.
+    Pairing is a random permutation, so odd batch sizes work (timm needs even batches).
+
+    Training accuracy under mixed targets is measured against the argmax of the soft target.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[LabelSmoothing(0.1), Mixup(alpha=0.2)])
+    """
+
+    order = 20
+    transforms_batch = True
+    transforms_target = True
+
+    def __init__(
+        self,
+        alpha: float = 0.2,
+        cutmix_alpha: float = 0.0,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        mode: str = "batch",
+        cutmix_minmax: tuple[float, float] | None = None,
+        stop_epoch: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        check_number("alpha", alpha, low=0.0)
+        check_number("cutmix_alpha", cutmix_alpha, low=0.0)
+        check_number("prob", prob, low=0.0, high=1.0)
+        check_number("switch_prob", switch_prob, low=0.0, high=1.0)
+        check_choice("mode", mode, MODES)
+        if cutmix_minmax is not None:
+            if len(cutmix_minmax) != 2 or not 0.0 < cutmix_minmax[0] <= cutmix_minmax[1] <= 1.0:
+                raise ValueError(f"`cutmix_minmax` must be (lo, hi) with 0 < lo <= hi <= 1, got {cutmix_minmax!r}.")
+            cutmix_alpha = cutmix_alpha or 1.0  # timm: minmax boxes imply CutMix
+        if alpha == 0 and cutmix_alpha == 0:
+            raise ValueError("`alpha` and `cutmix_alpha` are both 0: nothing to mix; set one of them > 0.")
+        if stop_epoch is not None:
+            check_number("stop_epoch", stop_epoch, low=0, integer=True)
+        if seed is not None:
+            check_number("seed", seed, low=0, integer=True)
+        self.alpha = float(alpha)
+        self.cutmix_alpha = float(cutmix_alpha)
+        self.prob = float(prob)
+        self.switch_prob = float(switch_prob)
+        self.mode = mode
+        self.cutmix_minmax = None if cutmix_minmax is None else (float(cutmix_minmax[0]), float(cutmix_minmax[1]))
+        self.stop_epoch = stop_epoch
+        self.seed = seed
+        self._pending: tuple[float | Tensor, Tensor] | None = None
+
+    # ------------------------------------------------------------------ state
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.seed is None:
+            self.seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) % 2**63
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seed = state_dict["seed"]
+
+    # ------------------------------------------------------------------ sampling (host only)
+    def _rng(self, trainer: pl.Trainer) -> np.random.Generator:
+        counter = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        return np.random.default_rng([int(self.seed or 0), trainer.global_rank, counter])
+
+    def _draw(self, rng: np.random.Generator, n: int, spatial: tuple[int, ...]) -> dict[str, Any]:
+        """Draw ``lam`` (per batch or per sample), which samples use CutMix, their boxes and the pairing."""
+        size = None if self.mode == "batch" else n
+        use_cut = self.cutmix_alpha > 0 and (self.alpha == 0 or rng.random(size) < self.switch_prob)
+        lam_mix = sample_lambda(rng, self.alpha, size) if self.alpha > 0 else 1.0
+        lam_cut = sample_lambda(rng, self.cutmix_alpha, size) if self.cutmix_alpha > 0 else 1.0
+        if np.any(use_cut) and not spatial:
+            raise ValueError("CutMix needs inputs with spatial dimensions, (N, C, L) or (N, C, H, W).")
+        box = sample_box(rng, spatial, lam_cut, self.cutmix_minmax, size) if np.any(use_cut) else None
+        keep = rng.random(size) >= self.prob  # not mixed: lam = 1
+        return {"use_cut": use_cut, "lam": lam_mix, "box": box, "keep": keep, "index": rng.permutation(n)}
+
+    # ------------------------------------------------------------------ the seam
+    def tricks_transform_batch(self, pl_module: TricksMixin, x: Tensor, y: Tensor) -> Tensor:
+        trainer = pl_module.trainer  # type: ignore[attr-defined]
+        self._pending = None
+        if self.stop_epoch is not None and trainer.current_epoch >= self.stop_epoch:
+            return x
+        if self.mode == "batch" and not x.is_floating_point() and not self.cutmix_alpha:
+            raise TypeError(f"MixUp needs floating-point inputs, got {x.dtype}.")
+        d = self._draw(self._rng(trainer), x.shape[0], tuple(x.shape[2:]))
+        device = x.device
+        index = _to_device(torch.from_numpy(d["index"]), device)
+        if self.mode == "batch":
+            if d["keep"]:
+                return x
+            if d["use_cut"]:
+                box = d["box"]
+                mixed = torch.where(box_mask(x, box), x[index], x)
+                lam: float | Tensor = box_lambda(x, box)
+            else:
+                lam = d["lam"]
+                mixed = mix_pair(x, lam, index)
+        else:
+            lam_np = np.where(d["keep"], 1.0, np.where(d["use_cut"], 0.0, d["lam"])).astype(np.float32)
+            weight = _to_device(torch.from_numpy(lam_np), device)
+            shape = (-1,) + (1,) * (x.ndim - 1)
+            if d["box"] is not None:
+                cut = _to_device(torch.from_numpy(d["use_cut"] & ~d["keep"]), device)
+                bounds = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in d["box"]]
+                bounds = [(_to_device(a, device), _to_device(b, device)) for a, b in bounds]
+                # One formula for every sample: x_i * w + x_j * (1 - w), with w = lam for MixUp samples
+                # and w = 1 outside / 0 inside the box for CutMix samples.
+                outside = (~box_mask(x, bounds)).to(x.dtype)
+                weight_x = torch.where(cut.reshape(shape), outside, weight.to(x.dtype).reshape(shape))
+                area_lam = box_lambda(x, bounds)
+                lam = torch.where(cut, area_lam, weight)
+            else:
+                weight_x = weight.to(x.dtype).reshape(shape)
+                lam = weight
+            mixed = x * weight_x + x[index] * (1 - weight_x)
+        self._pending = (lam, index)
+        return mixed
+
+    def tricks_transform_target(self, pl_module: TricksMixin, soft_target: Tensor) -> Tensor:
+        if self._pending is None:
+            return soft_target
+        lam, index = self._pending
+        return mix_pair(soft_target, lam, index)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host-to-device copy that does not make the host wait (pinned memory on CUDA)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

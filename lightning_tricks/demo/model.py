@@ -1,0 +1,46 @@
+"""The reference CNN of the MNIST-1D paper, as a LightningModule using :class:`TricksMixin`."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_tricks.mixin import TricksMixin
+
+
+class ConvBase(nn.Module):
+    """MNIST-1D's ConvBase: three strided Conv1d layers of 25 channels and a linear head (5,210 parameters)."""
+
+    def __init__(self, output_size: int = 10, channels: int = 25, length: int = 40) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, channels, 5, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(channels, channels, 3, stride=2, padding=1)
+        out = length
+        for k in (5, 3, 3):
+            out = (out + 2 - k) // 2 + 1
+        self.linear = nn.Linear(channels * out, output_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.view(x.shape[0], 1, x.shape[-1])
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.conv3(x))
+        return self.linear(x.flatten(1))
+
+
+class Classifier(TricksMixin, pl.LightningModule):
+    """A classifier trained with AdamW through the mixin's default steps."""
+
+    def __init__(self, net: nn.Module, lr: float = 1e-2, weight_decay: float = 0.01) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -1,0 +1,41 @@
+"""The math of each trick as plain PyTorch functions: no Lightning import, no hidden state."""
+
+from lightning_tricks.functional.mixing import (
+    box_lambda,
+    box_mask,
+    cutmix,
+    mix_pair,
+    mixup,
+    sample_box,
+    sample_lambda,
+)
+from lightning_tricks.functional.schedules import (
+    constant_with_warmup,
+    linear_decay,
+    step_decay,
+    warmup_cosine,
+    warmup_factor,
+)
+from lightning_tricks.functional.targets import (
+    smooth_targets,
+    soft_cross_entropy,
+    to_soft_targets,
+)
+
+__all__ = [
+    "box_lambda",
+    "box_mask",
+    "constant_with_warmup",
+    "cutmix",
+    "linear_decay",
+    "mix_pair",
+    "mixup",
+    "sample_box",
+    "sample_lambda",
+    "smooth_targets",
+    "soft_cross_entropy",
+    "step_decay",
+    "to_soft_targets",
+    "warmup_cosine",
+    "warmup_factor",
+]

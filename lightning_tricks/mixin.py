@@ -1,0 +1,136 @@
+"""``TricksMixin``: the seam through which callbacks change the training batch and the loss.
+
+Write ``class Net(TricksMixin, L.LightningModule)``. The mixin gives
+
+* a training-time batch seam: after the batch reaches the device, every trick callback (mixup, ...)
+  may transform the inputs, in a fixed order, only while fitting the training batches (never in the
+  sanity check, validation, test or predict);
+* :meth:`TricksMixin.tricks_loss`: cross-entropy against the targets as the tricks transformed them
+  (label smoothing, mixing), computed in float32 whatever the precision. With no trick attached it is
+  exactly ``F.cross_entropy(logits, target)``;
+* default ``training_step``/``validation_step``/``test_step`` for ``(x, y)`` classification batches,
+  logging ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``test_loss`` and ``test_acc``.
+
+A user may override any step and still call ``self.tricks_loss(logits, y)``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_tricks.functional.targets import soft_cross_entropy, to_soft_targets
+
+if TYPE_CHECKING:
+    from lightning_tricks.callbacks._base import TrickCallback
+
+__all__ = ["TricksMixin"]
+
+
+class TricksMixin:
+    """Mix into a ``LightningModule`` (put it first: ``class Net(TricksMixin, L.LightningModule)``).
+
+    Attributes:
+        ignore_index: index targets equal to it are left out of the loss (PyTorch's default ``-100``).
+    """
+
+    ignore_index: int | None = -100
+
+    # ----------------------------------------------------------------------------------- helpers
+    def _tricks(self) -> list[TrickCallback]:
+        from lightning_tricks.callbacks._base import TrickCallback
+
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return []
+        return sorted((cb for cb in trainer.callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
+
+    def _tricks_fitting_train_batch(self) -> bool:
+        trainer = getattr(self, "_trainer", None)
+        return trainer is not None and trainer.training and not trainer.sanity_checking
+
+    def tricks_unpack(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """Split a batch into ``(inputs, targets)``. Override for other batch layouts."""
+        if isinstance(batch, (list, tuple)) and len(batch) == 2:
+            return batch[0], batch[1]
+        if isinstance(batch, dict) and {"x", "y"} <= batch.keys():
+            return batch["x"], batch["y"]
+        shape = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else "")
+        raise ValueError(
+            f"the default steps of TricksMixin expect a batch `(x, y)` (a list/tuple of 2 tensors) or a dict with "
+            f"keys 'x' and 'y', got a {shape}; override `tricks_unpack`/`tricks_pack` or the steps."
+        )
+
+    def tricks_pack(self, batch: Any, x: Tensor, y: Tensor) -> Any:
+        """Put transformed ``(x, y)`` back into a batch of the same layout as ``batch``."""
+        if isinstance(batch, dict):
+            return {**batch, "x": x, "y": y}
+        return type(batch)((x, y)) if isinstance(batch, tuple) else [x, y]
+
+    # ----------------------------------------------------------------------------------- the seam
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Run the trick callbacks' batch transforms (training batches of ``fit`` only)."""
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]
+        if not self._tricks_fitting_train_batch():
+            return batch
+        tricks = [cb for cb in self._tricks() if cb.transforms_batch]
+        if not tricks:
+            return batch
+        x, y = self.tricks_unpack(batch)
+        for cb in tricks:
+            x = cb.tricks_transform_batch(self, x, y)
+        return self.tricks_pack(batch, x, y)
+
+    def tricks_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy of ``logits`` against ``target`` as the attached tricks transform it.
+
+        While fitting the training batches, trick callbacks turn ``target`` (class indices or soft
+        targets) into float32 soft targets (smoothing, mixing) and the loss is
+        :func:`~lightning_tricks.functional.soft_cross_entropy` in float32. Otherwise, and whenever no
+        trick transforms targets, it is ``F.cross_entropy(logits, target)``, exactly what a plain
+        module computes. The effective targets are kept in ``self.tricks_targets`` for metrics.
+        """
+        tricks = [cb for cb in self._tricks() if cb.transforms_target] if self._tricks_fitting_train_batch() else []
+        if not tricks:
+            self.tricks_targets = target
+            if target.is_floating_point():
+                return soft_cross_entropy(logits, target, self.ignore_index)
+            return F.cross_entropy(logits, target, ignore_index=-100 if self.ignore_index is None else self.ignore_index)
+        soft = to_soft_targets(target, logits.shape[-1], self.ignore_index)
+        for cb in tricks:
+            soft = cb.tricks_transform_target(self, soft)
+        self.tricks_targets = soft
+        return soft_cross_entropy(logits, soft, self.ignore_index)
+
+    # ----------------------------------------------------------------------------------- default steps
+    def _tricks_step(self, batch: Any, stage: str) -> Tensor:
+        x, y = self.tricks_unpack(batch)
+        logits = self(x)  # type: ignore[operator]
+        loss = self.tricks_loss(logits, y)
+        target = self.tricks_targets
+        # Accuracy against the argmax of the effective (possibly mixed) target: the dominant class.
+        hard = target.argmax(dim=-1) if target.is_floating_point() else target
+        active = hard != self.ignore_index if self.ignore_index is not None else None
+        correct = (logits.argmax(dim=-1) == hard).float()
+        acc = correct.mean() if active is None else (correct * active).sum() / active.sum().clamp_min(1)
+        on_step = stage == "train"
+        sync = stage != "train"
+        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=sync,
+                 batch_size=x.shape[0])  # type: ignore[attr-defined]
+        self.log(f"{stage}_acc", acc, prog_bar=stage != "train", on_step=False, on_epoch=True, sync_dist=sync,
+                 batch_size=x.shape[0])  # type: ignore[attr-defined]
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Forward, :meth:`tricks_loss`, log ``train_loss`` and ``train_acc``."""
+        return self._tricks_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Forward, plain cross-entropy, log ``val_loss`` and ``val_acc`` (synced across ranks)."""
+        return self._tricks_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Forward, plain cross-entropy, log ``test_loss`` and ``test_acc`` (synced across ranks)."""
+        return self._tricks_step(batch, "test")
