@@ -97,7 +97,8 @@ class TricksMixin:
             self.tricks_targets = target
             if target.is_floating_point():
                 return soft_cross_entropy(logits, target, self.ignore_index)
-            return F.cross_entropy(logits, target, ignore_index=-100 if self.ignore_index is None else self.ignore_index)
+            ignore = -100 if self.ignore_index is None else self.ignore_index
+            return F.cross_entropy(logits, target, ignore_index=ignore)
         soft = to_soft_targets(target, logits.shape[-1], self.ignore_index)
         for cb in tricks:
             soft = cb.tricks_transform_target(self, soft)

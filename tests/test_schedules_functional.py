@@ -16,7 +16,7 @@ def hf_cosine_with_warmup(step: int, num_warmup_steps: int, num_training_steps: 
     if step < num_warmup_steps:
         return float(step) / float(max(1, num_warmup_steps))
     progress = float(step - num_warmup_steps) / float(max(1, num_training_steps - num_warmup_steps))
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * float(0.5) * 2.0 * progress)))
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
 
 
 def hf_linear_with_warmup(step: int, num_warmup_steps: int, num_training_steps: int) -> float:

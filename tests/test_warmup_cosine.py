@@ -77,7 +77,8 @@ def test_learning_rate_monitor_logs_the_lr_used(tmp_path: Any) -> None:
     trainer.fit(TinyNet(lr=0.1), loader(64, 8))
     import csv
 
-    rows = list(csv.DictReader(open(os.path.join(trainer.logger.log_dir, "metrics.csv"))))
+    with open(os.path.join(trainer.logger.log_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
     logged = [float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")]
     assert logged == pytest.approx([lr for (lr,) in rec.lrs], abs=1e-12)
 

@@ -55,6 +55,8 @@ def to_soft_targets(target: Tensor, num_classes: int, ignore_index: int | None =
     Float targets of shape ``(N, K)`` are returned as float32 unchanged (they are already soft).
     """
     if target.is_floating_point():
+        if target.ndim == 1:
+            check_index_targets(target, num_classes, ignore_index)  # float where indices are expected: TypeError
         if target.ndim != 2 or target.shape[-1] != num_classes:
             raise ValueError(
                 f"soft targets must have shape (N, {num_classes}), got {tuple(target.shape)}; "

@@ -1,0 +1,286 @@
+"""TricksMixin, LabelSmoothing and Mixup through a real Trainer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_tricks import LabelSmoothing, Mixup, TricksMixin
+from lightning_tricks.functional import mix_pair, smooth_targets, soft_cross_entropy, to_soft_targets
+from tests.conftest import TinyNet, loader, make_data, quiet_trainer
+
+
+class PlainNet(pl.LightningModule):
+    """TinyNet without the mixin: the reference for 'no trick means no change'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 4, 3, padding=1)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=0.05)
+
+
+def test_without_tricks_training_is_identical_to_a_plain_module() -> None:
+    weights = []
+    for cls in (PlainNet, TinyNet):
+        pl.seed_everything(3, verbose=False)
+        model = cls()
+        quiet_trainer(max_epochs=2).fit(model, loader(64, 8, shuffle=True))
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*weights):
+        assert torch.equal(a, b)
+
+
+class Probe(TinyNet):
+    """Records, per training batch, the original batch, the mixed inputs, the effective targets and the loss."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.records: list[dict[str, Any]] = []
+        self.val_inputs: list[torch.Tensor] = []
+        self._original: Any = None
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        self._original = [t.clone() for t in batch]
+        return batch
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.tricks_loss(logits, y)
+        mix = next((cb for cb in self.trainer.callbacks if isinstance(cb, Mixup)), None)
+        self.records.append(dict(x0=self._original[0], y0=self._original[1], x=x.detach().clone(), y=y,
+                                 logits=logits.detach().float(), loss=loss.detach(), target=self.tricks_targets,
+                                 pending=None if mix is None else mix._pending, epoch=self.current_epoch))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.val_inputs.append(batch[0].clone())
+        assert torch.equal(batch[0], self._original[0])  # validation batches are never mixed
+        return super().validation_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("convention", ["uniform", "others"])
+def test_label_smoothing_loss(convention: str) -> None:
+    model = Probe()
+    quiet_trainer(max_steps=4, callbacks=[LabelSmoothing(0.2, convention)]).fit(model, loader())
+    for r in model.records:
+        ref = soft_cross_entropy(r["logits"], smooth_targets(r["y0"], 4, 0.2, convention))
+        assert abs(r["loss"].item() - ref.item()) <= 1e-6
+        if convention == "uniform":
+            assert abs(r["loss"].item() - F.cross_entropy(r["logits"], r["y0"], label_smoothing=0.2).item()) <= 1e-6
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_mixup_with_smoothing(precision: str, accumulate: int) -> None:
+    model = Probe()
+    trainer = quiet_trainer(max_epochs=2, precision=precision, accumulate_grad_batches=accumulate,
+                            num_sanity_val_steps=2, limit_val_batches=2,
+                            callbacks=[Mixup(alpha=0.4), LabelSmoothing(0.1)])
+    trainer.fit(model, loader(64, 8, shuffle=True), loader(32, 8))
+    assert len(model.records) == 16 and len(model.val_inputs) == 2 + 2 * 2
+    lams = set()
+    for r in model.records:
+        lam, idx = r["pending"]
+        lams.add(lam)
+        # each mixed sample is lam * x_i + (1 - lam) * x_j; labels follow the same pairing; smoothed once
+        torch.testing.assert_close(r["x"], lam * r["x0"] + (1 - lam) * r["x0"][idx])
+        soft = smooth_targets(r["y0"], 4, 0.1)
+        want = lam * soft + (1 - lam) * soft[idx]
+        assert r["target"].dtype == torch.float32 and r["loss"].dtype == torch.float32
+        assert (r["target"] - want).abs().max().item() <= 1e-6
+        assert abs(r["loss"].item() - soft_cross_entropy(r["logits"], want).item()) <= 1e-5
+    assert len(lams) == 16  # a fresh draw for every micro-batch
+
+
+def test_cutmix_elementwise_and_odd_batch() -> None:
+    model = Probe()
+    cb = Mixup(alpha=0.5, cutmix_alpha=1.0, mode="elem", prob=0.8)
+    quiet_trainer(max_steps=6, callbacks=[cb]).fit(model, DataLoader(make_data(35), batch_size=7))
+    for r in model.records:
+        lam, idx = r["pending"]
+        x0, x = r["x0"], r["x"]
+        assert x.shape[0] == 7
+        for i in range(7):
+            blend = lam[i] * x0[i] + (1 - lam[i]) * x0[idx[i]]
+            from_partner = torch.isclose(x[i], x0[idx[i]])
+            from_self = torch.isclose(x[i], x0[i])
+            is_cut = bool((from_partner | from_self).all()) and not torch.allclose(x[i], blend)
+            if is_cut:  # pixels come from the partner inside one box, self elsewhere; lam is the area left
+                frac_self = (from_self & ~from_partner).float().mean().item()
+                assert frac_self == pytest.approx(lam[i].item(), abs=1 / 16 + 1e-6)
+            else:
+                torch.testing.assert_close(x[i], blend)
+        want = mix_pair(to_soft_targets(r["y0"], 4), lam, idx)
+        torch.testing.assert_close(r["target"], want)
+
+
+def test_stop_epoch_ends_mixing() -> None:
+    model = Probe()
+    quiet_trainer(max_epochs=3, callbacks=[Mixup(alpha=1.0, stop_epoch=2)]).fit(model, loader(32, 8))
+    for r in model.records:
+        assert (r["pending"] is None) == (r["epoch"] >= 2)
+        if r["epoch"] >= 2:
+            assert torch.equal(r["x"], r["x0"])
+
+
+def _draws(seed: int, **kw: Any) -> list[Any]:
+    pl.seed_everything(seed, verbose=False)
+    model = Probe()
+    quiet_trainer(max_epochs=2, callbacks=[Mixup(alpha=1.0)], **kw).fit(model, loader(32, 8))
+    return [(r["pending"][0], r["pending"][1].tolist()) for r in model.records]
+
+
+def test_reproducible_under_seed_everything() -> None:
+    assert _draws(5) == _draws(5)
+    assert _draws(5) != _draws(6)
+
+
+def test_resume_repeats_the_uninterrupted_draws(tmp_path: Any) -> None:
+    full = _draws(7, enable_checkpointing=True,
+                  default_root_dir=tmp_path)  # writes an end-of-epoch checkpoint per epoch (last one kept)
+    pl.seed_everything(7, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "c", every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+    quiet_trainer(max_epochs=1, enable_checkpointing=True, callbacks=[Mixup(alpha=1.0), ckpt]).fit(
+        Probe(), loader(32, 8))
+    pl.seed_everything(123, verbose=False)  # a different global seed: the checkpointed one must win
+    model = Probe()
+    quiet_trainer(max_epochs=2, callbacks=[Mixup(alpha=1.0)]).fit(model, loader(32, 8),
+                                                                 ckpt_path=str(tmp_path / "c" / "epoch=0.ckpt"))
+    resumed = [(r["pending"][0], r["pending"][1].tolist()) for r in model.records]
+    assert resumed == full[4:]
+
+
+class _RankDraws(pl.Callback):
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        lams = torch.tensor([r["pending"][0] for r in pl_module.records], dtype=torch.float64)
+        gathered = trainer.strategy.all_gather(lams)
+        assert gathered.shape == (2, 4)
+        assert not torch.allclose(gathered[0], gathered[1])  # each rank mixes differently
+
+
+def test_ddp_ranks_draw_differently() -> None:
+    trainer = quiet_trainer(devices=2, strategy="ddp_fork", max_epochs=1,
+                            callbacks=[Mixup(alpha=1.0), LabelSmoothing(0.1), _RankDraws()])
+    trainer.fit(Probe(), loader(64, 8))
+    assert trainer.state.finished
+
+
+# ------------------------------------------------------------------------------- seam errors
+class NotMixin(PlainNet):
+    pass
+
+
+def test_callback_requires_the_mixin() -> None:
+    with pytest.raises(TypeError, match="does not use it: declare `class NotMixin\\(TricksMixin"):
+        quiet_trainer(max_steps=1, callbacks=[Mixup()]).fit(NotMixin(), loader())
+
+
+class HidingDataModule(pl.LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return loader()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch
+
+
+def test_datamodule_hiding_the_seam_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="HidingDataModule overrides on_after_batch_transfer"):
+        quiet_trainer(max_steps=1, callbacks=[Mixup()]).fit(TinyNet(), datamodule=HidingDataModule())
+
+
+def test_unpackable_batch_says_what_was_expected() -> None:
+    triple = DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 1, 16), torch.zeros(8).long(),
+                                                       torch.zeros(8)), batch_size=4)
+    with pytest.raises(ValueError, match=r"expect a batch `\(x, y\)`.*list of length 3"):
+        quiet_trainer(max_steps=1).fit(TinyNet(), triple)
+
+
+def test_float_targets_where_indices_are_expected() -> None:
+    data = DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 1, 16), torch.zeros(8)), batch_size=4)
+    with pytest.raises(TypeError, match="expected class indices"):
+        quiet_trainer(max_steps=1, callbacks=[LabelSmoothing()]).fit(TinyNet(), data)
+
+
+def test_out_of_range_target() -> None:
+    data = DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 1, 16), torch.full((8,), 4)), batch_size=4)
+    with pytest.raises(ValueError, match=r"target index 4 is out of range"):
+        quiet_trainer(max_steps=1, callbacks=[LabelSmoothing()]).fit(TinyNet(), data)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(alpha=-0.1), r"`alpha` must be in \[0.0, inf\], got -0.1"),
+        (dict(cutmix_alpha=-1.0), "`cutmix_alpha`"),
+        (dict(prob=1.5), "`prob`"),
+        (dict(switch_prob=-0.5), "`switch_prob`"),
+        (dict(mode="pair"), r"`mode` must be one of 'batch', 'elem', got 'pair'"),
+        (dict(alpha=0.0), "nothing to mix"),
+        (dict(cutmix_minmax=(0.8, 0.2)), "`cutmix_minmax`"),
+        (dict(stop_epoch=-1), "`stop_epoch`"),
+    ],
+)
+def test_mixup_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Mixup(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [(dict(smoothing=1.0), r"`smoothing` must be in \[0.0, 1.0\), got 1.0"), (dict(convention="tf"), "`convention`")],
+)
+def test_label_smoothing_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LabelSmoothing(**kwargs)
+
+
+def test_mixin_steps_log_metrics() -> None:
+    trainer = quiet_trainer(max_epochs=1, callbacks=[Mixup(), LabelSmoothing()])
+    trainer.fit(TinyNet(), loader(), loader(32))
+    m = trainer.callback_metrics
+    assert {"train_loss_epoch", "train_acc", "val_loss", "val_acc"} <= set(m)
+    assert 0.0 <= float(m["val_acc"]) <= 1.0
+    result = trainer.test(TinyNet(), loader(32), verbose=False)[0]
+    assert {"test_loss", "test_acc"} <= set(result)
+
+
+class _CustomStep(TricksMixin, pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 4)
+        self.losses: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.tricks_loss(self.lin(x.flatten(1)), y)
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_user_training_step_still_gets_the_tricks() -> None:
+    model = _CustomStep()
+    quiet_trainer(max_steps=2, callbacks=[LabelSmoothing(0.5)]).fit(model, loader())
+    x, y = next(iter(loader()))
+    ref = F.cross_entropy(model.lin(x.flatten(1)), y, label_smoothing=0.5).item()
+    assert model.losses[0] == pytest.approx(ref, abs=1e-6)
