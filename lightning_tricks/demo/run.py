@@ -11,6 +11,7 @@ import argparse
 import csv
 import json
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader
 
 from lightning_tricks.callbacks import LabelSmoothing, Mixup, WarmupCosine
@@ -56,7 +58,10 @@ def train_one(config: str, seed: int, args: argparse.Namespace, data: tuple[Any,
     train, test = data
     model = Classifier(ConvBase(), lr=args.lr, weight_decay=args.weight_decay)
     recorder = Recorder()
-    callbacks = [recorder] + (recipe_callbacks() if config == "recipe" else [])
+    # Lightning's progress bar; redrawn once per epoch when the output is a log file rather than a terminal.
+    steps_per_epoch = -(-len(train) // args.batch_size)
+    bar = TQDMProgressBar(refresh_rate=1 if sys.stdout.isatty() else steps_per_epoch)
+    callbacks = [recorder, bar] + (recipe_callbacks() if config == "recipe" else [])
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",

@@ -1,0 +1,26 @@
+"""`lightning-tricks demo --fast` prints the comparison table and writes its plots and figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_fast_writes_table_plots_and_figures(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "lightning_tricks", "demo", "--fast", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "final acc %" in proc.stdout and "baseline" in proc.stdout and "recipe" in proc.stdout
+    for name in ("lr.png", "loss.png", "results.csv", "results.json"):
+        assert (out / name).stat().st_size > 0
+    results = json.loads((out / "results.json").read_text())
+    assert {r["config"] for r in results} == {"baseline", "recipe"}
+    recipe = next(r for r in results if r["config"] == "recipe")
+    baseline = next(r for r in results if r["config"] == "baseline")
+    assert len(recipe["lr"]) == 10  # 2 epochs x 5 batches: one lr per optimizer step
+    assert recipe["lr"][0] < recipe["lr"][1]  # warming up
+    assert len(set(baseline["lr"])) == 1  # the baseline keeps its lr
+    assert all(0.0 <= r["final_test_acc"] <= 1.0 for r in results)
