@@ -1,8 +1,9 @@
 """Lightning callbacks, one file per trick, each a thin adaptor over :mod:`lightning_tricks.functional`."""
 
 from lightning_tricks.callbacks._base import TrickCallback
+from lightning_tricks.callbacks.gradient_monitor import GradientMonitor, NonFiniteGradientError
 from lightning_tricks.callbacks.label_smoothing import LabelSmoothing
 from lightning_tricks.callbacks.mixup import Mixup
 from lightning_tricks.callbacks.warmup_cosine import WarmupCosine
 
-__all__ = ["LabelSmoothing", "Mixup", "TrickCallback", "WarmupCosine"]
+__all__ = ["GradientMonitor", "LabelSmoothing", "Mixup", "NonFiniteGradientError", "TrickCallback", "WarmupCosine"]

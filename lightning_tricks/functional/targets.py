@@ -29,8 +29,8 @@ CONVENTIONS = ("uniform", "others")
 def check_index_targets(target: Tensor, num_classes: int, ignore_index: int | None = None) -> None:
     """Refuse float targets and, without a host-device sync, indices outside ``[0, num_classes)``.
 
-    On the CPU the range check raises at once with the offending value. On an accelerator it is queued
-    as a device-side assertion (``torch._assert_async``), so it never stalls the step.
+    The range check is ``torch._assert_async``: on the CPU it raises at once (and the error then names the
+    offending value); on an accelerator it is a device-side assertion that never stalls the step.
     """
     if target.is_floating_point() or target.is_complex():
         raise TypeError(
@@ -40,13 +40,13 @@ def check_index_targets(target: Tensor, num_classes: int, ignore_index: int | No
     valid = (target >= 0) & (target < num_classes)
     if ignore_index is not None:
         valid |= target == ignore_index
-    if target.device.type == "cpu":
-        if not bool(valid.all()):
-            bad = target[~valid][0].item()
-            allowed = f"[0, {num_classes})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
-            raise ValueError(f"target index {bad} is out of range: class indices must be in {allowed}.")
-    else:
+    try:
+        # Raises at once on the CPU; on an accelerator it is queued on the device and never stalls the step.
         torch._assert_async(valid.all(), "lightning_tricks: a target index is outside [0, num_classes)")
+    except RuntimeError:  # the CPU path: now that it failed, find the value to name (no cost when valid)
+        bad = target[~valid][0].item()
+        allowed = f"[0, {num_classes})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+        raise ValueError(f"target index {bad} is out of range: class indices must be in {allowed}.") from None
 
 
 def to_soft_targets(target: Tensor, num_classes: int, ignore_index: int | None = None) -> Tensor:

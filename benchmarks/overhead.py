@@ -1,0 +1,241 @@
+"""Step-time overhead of the callbacks against a plain Lightning loop, in one run, through a real Trainer.
+
+Configurations (each a fresh Trainer, run interleaved over repeats so that machine drift hits all alike):
+
+* ``plain``: the TricksMixin default steps with no callback (identical to a plain module);
+* ``grad_norm``: Lightning's documented recipe, ``self.log_dict(grad_norm(self, norm_type=2))`` in
+  ``on_before_optimizer_step``;
+* ``monitor``: :class:`GradientMonitor` with default settings;
+* ``mixup``: :class:`LabelSmoothing` (0.1) + :class:`Mixup` (alpha 0.2);
+* ``timm_mixup``: ``timm.data.Mixup(mixup_alpha=0.2, label_smoothing=0.1)`` + ``SoftTargetCrossEntropy`` in the
+  training step (the usual way to use it);
+* ``all``: WarmupCosine + LabelSmoothing + Mixup + GradientMonitor together.
+
+Step time = time between consecutive ``on_train_batch_end`` calls (so data transfer and the batch seam are inside),
+with a device synchronize at each end on a GPU; the median over non-logging steps after warm-up is reported, and
+ratios are to ``plain``. On a GPU, host-device syncs are counted with ``torch.cuda.set_sync_debug_mode("warn")``
+over the same window, for steps between logging intervals and for logging steps separately.
+
+Usage::
+
+    python benchmarks/overhead.py --device cpu                  # 2-core CPU: the MNIST-1D ConvBase
+    python benchmarks/overhead.py --device cuda --out results   # GPU: ResNet-18 @32 px/256, ResNet-50 @160 px/128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.utilities import grad_norm  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from lightning_tricks import GradientMonitor, LabelSmoothing, Mixup, TricksMixin, WarmupCosine  # noqa: E402
+from lightning_tricks.demo.model import ConvBase  # noqa: E402
+
+CONFIGS = ("plain", "grad_norm", "monitor", "mixup", "timm_mixup", "all")
+
+
+class Batches(Dataset):
+    """A few fixed batches, already on the device, served round-robin (no loader cost in the step)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, length: int) -> None:
+        self.x, self.y, self.length = x, y, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x, self.y
+
+
+class Net(TricksMixin, pl.LightningModule):
+    def __init__(self, net: nn.Module, num_classes: int, variant: str, channels_last: bool) -> None:
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        self.num_classes, self.variant = num_classes, variant
+        if variant == "timm_mixup":
+            from timm.data import Mixup as TimmMixup
+            from timm.loss import SoftTargetCrossEntropy
+
+            self.timm_mixup = TimmMixup(mixup_alpha=0.2, label_smoothing=0.1, num_classes=num_classes)
+            self.soft_ce = SoftTargetCrossEntropy()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.variant != "timm_mixup":
+            return super().training_step(batch, batch_idx)
+        x, y = batch
+        x, target = self.timm_mixup(x.clone(), y)
+        logits = self(x)
+        loss = self.soft_ce(logits.float(), target)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self.variant == "grad_norm":
+            self.log_dict(grad_norm(self, norm_type=2))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, weight_decay=0.01)
+
+
+class StepTimer(pl.Callback):
+    """Time and count syncs between consecutive on_train_batch_end calls (put it last in the callbacks)."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.rows: list[tuple[float, int, bool]] = []  # (seconds, syncs, logging step)
+        self._t: float | None = None
+        self._rec: Any = None
+        self._ctx: Any = None
+
+    def _arm(self) -> None:
+        if self.cuda:
+            self._ctx = warnings.catch_warnings(record=True)
+            self._rec = self._ctx.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def _disarm(self) -> int:
+        if not self.cuda or self._ctx is None:
+            return 0
+        torch.cuda.set_sync_debug_mode(0)
+        n = sum("synchroniz" in str(w.message) for w in self._rec)
+        self._ctx.__exit__(None, None, None)
+        self._ctx = None
+        return n
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._t = time.perf_counter()
+        self._arm()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        syncs = self._disarm()
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        logging_step = trainer.global_step % trainer.log_every_n_steps == 0
+        self.rows.append((now - self._t, syncs, logging_step))
+        self._t = now
+        self._arm()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._disarm()
+
+
+def callbacks_for(config: str) -> list[pl.Callback]:
+    if config == "monitor":
+        return [GradientMonitor()]
+    if config == "mixup":
+        return [LabelSmoothing(0.1), Mixup(alpha=0.2)]
+    if config == "all":
+        return [WarmupCosine(warmup=0.1), LabelSmoothing(0.1), Mixup(alpha=0.2), GradientMonitor()]
+    return []
+
+
+def workloads(device: str) -> list[dict[str, Any]]:
+    if device == "cuda":
+        import timm
+
+        return [
+            dict(name="resnet18-32px-b256", make=lambda: timm.create_model("resnet18", num_classes=10),
+                 shape=(256, 3, 32, 32), classes=10, channels_last=True),
+            dict(name="resnet50-160px-b128", make=lambda: timm.create_model("resnet50", num_classes=1000),
+                 shape=(128, 3, 160, 160), classes=1000, channels_last=True),
+        ]
+    return [dict(name="mnist1d-convbase-b100", make=ConvBase, shape=(100, 1, 40), classes=10, channels_last=False)]
+
+
+def run_one(w: dict[str, Any], config: str, device: str, steps: int, precision: str, log_every: int) -> StepTimer:
+    torch.manual_seed(0)
+    x = torch.randn(*w["shape"], device=device)
+    if w["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, w["classes"], (w["shape"][0],), device=device)
+    model = Net(w["make"](), w["classes"], config, w["channels_last"])
+    timer = StepTimer(cuda=device == "cuda")
+    trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
+                         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=log_every,
+                         callbacks=[*callbacks_for(config), timer])
+    trainer.fit(model, DataLoader(Batches(x, y, steps), batch_size=None))
+    return timer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=None, help="steps per run (default 120 on GPU, 150 on CPU)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=15, help="leading steps dropped from each run")
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--out", type=Path, default=None, help="folder for overhead.json and overhead.md")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    device = args.device
+    steps = args.steps or (120 if device == "cuda" else 150)
+    precision = "bf16-mixed" if device == "cuda" else "32-true"
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    machine = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    results: dict[str, Any] = {"machine": machine, "torch": torch.__version__, "lightning": pl.__version__,
+                               "precision": precision, "steps": steps, "repeats": args.repeats, "workloads": {}}
+    lines = [f"machine: {machine}; torch {torch.__version__}; lightning {pl.__version__}; {precision}; "
+             f"{steps} steps x {args.repeats} interleaved repeats; log_every_n_steps={args.log_every}", ""]
+    for w in workloads(device):
+        times: dict[str, list[float]] = {c: [] for c in args.configs}
+        syncs: dict[str, list[int]] = {c: [] for c in args.configs}
+        log_syncs: dict[str, list[int]] = {c: [] for c in args.configs}
+        run_one(w, "plain", device, 20, precision, args.log_every)  # warm-up: cudnn autotune, allocator
+        for _ in range(args.repeats):
+            for c in args.configs:
+                rows = run_one(w, c, device, steps, precision, args.log_every).rows[args.warmup:]
+                times[c] += [t for t, _, logging in rows if not logging]
+                syncs[c] += [s for _, s, logging in rows if not logging]
+                log_syncs[c] += [s for _, s, logging in rows if logging]
+        base = statistics.median(times["plain"]) if "plain" in times else None
+        lines.append(f"### {w['name']}")
+        lines.append("")
+        lines.append("| config | median step ms | ratio to plain | syncs/step (non-logging) | syncs at logging steps |")
+        lines.append("|---|---|---|---|---|")
+        entry = {}
+        for c in args.configs:
+            med = statistics.median(times[c])
+            ratio = med / base if base else float("nan")
+            s = statistics.fmean(syncs[c]) if syncs[c] else 0.0
+            ls = statistics.fmean(log_syncs[c]) if log_syncs[c] else float("nan")
+            sync_txt = f"{s:.2f}" if device == "cuda" else "n/a (CPU)"
+            log_txt = f"{ls:.1f}" if device == "cuda" else "n/a (CPU)"
+            lines.append(f"| {c} | {1e3 * med:.2f} | {ratio:.3f}x | {sync_txt} | {log_txt} |")
+            entry[c] = {"median_ms": 1e3 * med, "ratio": ratio, "syncs_per_step": s, "syncs_logging": ls,
+                        "n": len(times[c])}
+        results["workloads"][w["name"]] = entry
+        lines.append("")
+        print("\n".join(lines[-(len(args.configs) + 4):]), flush=True)
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "overhead.json").write_text(json.dumps(results, indent=1))
+        (args.out / "overhead.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

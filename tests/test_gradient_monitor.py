@@ -1,0 +1,279 @@
+"""GradientMonitor: norms against torch's references, once per optimizer step, no host reads between
+logging steps, non-finite handling, 16-mixed with a real scaler, DDP."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
+
+from lightning_tricks import GradientMonitor
+from lightning_tricks.callbacks.gradient_monitor import NonFiniteGradientError
+from lightning_tricks.functional.gradients import GradientLayout, grad_stats, group_norms, total_norm
+from tests.conftest import TinyNet, loader, quiet_trainer
+
+
+def test_functional_norms_equal_torch() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    model(torch.randn(4, 8)).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    ref = torch.nn.utils.get_total_norm(grads)
+    assert abs(total_norm(grads).item() - ref.item()) <= 1e-6
+    layout = GradientLayout.from_module(model)
+    assert layout.names == ["0", "2"]
+    g, _ = group_norms(grads, layout.index_on(torch.device("cpu")), 2)
+    for i, mod in enumerate([model[0], model[2]]):
+        assert abs(g[i].item() - torch.nn.utils.get_total_norm([p.grad for p in mod.parameters()]).item()) <= 1e-6
+    stats = grad_stats(layout, layout.index_on(torch.device("cpu")), lrs=[0.1, 0.2])
+    assert abs(stats["norm"].item() - ref.item()) <= 1e-6
+    assert stats["max_abs"].item() == max(gr.abs().max().item() for gr in grads)
+    w = torch.nn.utils.get_total_norm([p.detach() for p in model[2].parameters()])
+    assert abs(stats["update_ratio"][1].item() - 0.2 * g[1].item() / w.item()) <= 1e-6
+    # clip_grad_norm_ returns the same pre-clip total
+    assert abs(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9).item() - ref.item()) <= 1e-6
+    grads[0][0, 0] = float("nan")
+    grads[1][0] = float("inf")
+    assert grad_stats(layout, layout.index_on(torch.device("cpu")))["nonfinite"].item() == 2
+
+
+class Reference(pl.Callback):
+    """Records torch's reference total norm of the (unscaled, accumulated) gradients at each optimizer step."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+        self.groups: list[list[float]] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.norms.append(torch.nn.utils.get_total_norm([p.grad for p in pl_module.parameters()]).item())
+        self.groups.append([torch.nn.utils.get_total_norm([p.grad for p in m.parameters()]).item()
+                            for m in (pl_module.conv, pl_module.head)])
+
+
+def _logged(monitor: GradientMonitor, key: str) -> list[float]:
+    return [m[key] for m in monitor.history]
+
+
+class Recording(GradientMonitor):
+    """GradientMonitor that also keeps what it logged, to compare with the reference."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.history: list[dict[str, float]] = []
+        self.steps: list[int] = []
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        original = pl_module.log_dict
+
+        def capture(metrics: dict[str, float], **kw: Any) -> None:
+            self.history.append(dict(metrics))
+            self.steps.append(trainer.global_step)
+            original(metrics, **kw)
+
+        pl_module.log_dict = capture  # type: ignore[method-assign]
+        try:
+            super()._log(trainer, pl_module)
+        finally:
+            pl_module.log_dict = original  # type: ignore[method-assign]
+
+
+def _cpu_fp16_plugin() -> MixedPrecision:
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_norms_equal_reference_once_per_step(precision: str, accumulate: int) -> None:
+    ref, mon = Reference(), Recording(log_every_n_steps=1)
+    kw: dict[str, Any] = {"plugins": [_cpu_fp16_plugin()]} if precision == "16-mixed" else {"precision": precision}
+    trainer = quiet_trainer(max_epochs=2, accumulate_grad_batches=accumulate, callbacks=[ref, mon], **kw)
+    trainer.fit(TinyNet(), loader(64, 8))
+    steps = 2 * (8 // accumulate)
+    assert trainer.global_step == steps == len(ref.norms) == len(mon.history)  # one record per optimizer step
+    for r, m, groups in zip(ref.norms, mon.history, ref.groups):
+        assert m["grad/norm"] == pytest.approx(r, rel=1e-5)  # unscaled, accumulated
+        assert m["grad/norm/conv"] == pytest.approx(groups[0], rel=1e-5)
+        assert m["grad/norm/head"] == pytest.approx(groups[1], rel=1e-5)
+    if precision == "16-mixed":
+        assert all("amp/loss_scale" in m for m in mon.history)
+
+
+class FusedNet(TinyNet):
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=0.01, fused=True)
+
+
+def test_fused_optimizer_under_16_mixed_is_unscaled() -> None:
+    ref, mon = Reference(), Recording(log_every_n_steps=1)
+    trainer = quiet_trainer(max_steps=4, callbacks=[ref, mon], plugins=[_cpu_fp16_plugin()])
+    trainer.fit(FusedNet(), loader())
+    scale = trainer.precision_plugin.scaler.get_scale()
+    for r, m in zip(ref.norms, mon.history):  # the reference sees scaled grads here; ours divides by the scale
+        assert m["grad/norm"] == pytest.approx(r / scale, rel=1e-4)
+
+
+def test_clipping_reports_post_clip_norm_and_fraction() -> None:
+    ref, mon = Reference(), Recording(log_every_n_steps=4)
+    trainer = quiet_trainer(max_steps=8, gradient_clip_val=0.05, callbacks=[ref, mon])
+    trainer.fit(TinyNet(), loader())
+    for m, step in zip(mon.history, mon.steps):
+        pre = ref.norms[step]
+        assert m["grad/norm_clipped"] == pytest.approx(min(pre, 0.05), rel=1e-3)
+        window = ref.norms[step - 3: step + 1]
+        assert m["grad/clip_fraction"] == pytest.approx(sum(n > 0.05 for n in window) / 4)
+        assert m["grad/norm_max"] == pytest.approx(max(window), rel=1e-5)
+
+
+class HostReadCounter(pl.Callback):
+    """Counts Tensor.item/tolist/__bool__/cpu/numpy calls made by lightning_tricks code (directly or through
+    the functions it calls) during non-logging training steps. Calls from other code (torch's optimizers read
+    their CPU step counters with .item()) are the same with or without the tricks and are not counted."""
+
+    NAMES = ("item", "tolist", "__bool__", "cpu", "numpy")
+
+    def __init__(self, every: int) -> None:
+        self.every, self.counts, self._orig = every, [], {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if (trainer.global_step + 1) % self.every == 0:
+            return  # a logging step: reads are allowed there
+        self.n = 0
+        for name in self.NAMES:
+            orig = getattr(torch.Tensor, name)
+            self._orig[name] = orig
+
+            def counted(t: torch.Tensor, *a: Any, _orig: Any = orig, **k: Any) -> Any:
+                stack = traceback.extract_stack()
+                if any(f"{os.sep}lightning_tricks{os.sep}" in frame.filename for frame in stack):
+                    self.n += 1
+                return _orig(t, *a, **k)
+
+            setattr(torch.Tensor, name, counted)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self._orig:
+            for name, orig in self._orig.items():
+                setattr(torch.Tensor, name, orig)
+            self._orig = {}
+            self.counts.append(self.n)
+
+
+def test_no_host_read_between_logging_steps() -> None:
+    from lightning_tricks import LabelSmoothing, Mixup, WarmupCosine
+
+    counter = HostReadCounter(every=5)
+    # the counter wraps everything between its start and end hooks: put it first so it starts before the others
+    trainer = quiet_trainer(max_steps=20, log_every_n_steps=5, gradient_clip_val=1.0,
+                            callbacks=[counter, WarmupCosine(), GradientMonitor(), Mixup(), LabelSmoothing()])
+    trainer.fit(TinyNet(), loader(64, 8))
+    assert len(counter.counts) == 16
+    assert counter.counts == [0] * 16
+
+
+class NaNAt(TinyNet):
+    """Makes the head's gradient non-finite at one optimizer step."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.bad_step = step
+
+    def on_after_backward(self) -> None:
+        if self.trainer.global_step == self.bad_step:
+            self.head.weight.grad[0, 0] = float("inf")
+
+
+def test_stop_on_nonfinite_leaves_a_checkpoint_and_names_the_group(tmp_path: Any) -> None:
+    mon = GradientMonitor(on_nonfinite="stop")
+    model = NaNAt(step=5)
+    trainer = quiet_trainer(max_epochs=5, default_root_dir=tmp_path, callbacks=[mon])
+    with pytest.warns(UserWarning, match=r"non-finite gradients at optimizer step 5 in group\(s\) head"):
+        trainer.fit(model, loader(64, 8))
+    assert mon.stopped_step == 5 and trainer.global_step == 6
+    assert os.path.exists(mon.checkpoint_path)
+    ckpt = torch.load(mon.checkpoint_path, weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad update was skipped
+    assert "finite weights" in mon.stop_message
+
+
+def test_raise_on_nonfinite() -> None:
+    with pytest.raises(NonFiniteGradientError, match="step 2 in group"):
+        quiet_trainer(max_steps=6, callbacks=[GradientMonitor(on_nonfinite="raise")]).fit(NaNAt(2), loader())
+
+
+def test_warn_on_nonfinite_goes_on() -> None:
+    trainer = quiet_trainer(max_steps=6, callbacks=[GradientMonitor(on_nonfinite="warn")])
+    with pytest.warns(UserWarning, match="Training goes on"):
+        trainer.fit(NaNAt(2), loader())
+    assert trainer.global_step == 6
+
+
+def test_16_mixed_skipped_steps_are_counted_not_flagged() -> None:
+    mon = Recording(log_every_n_steps=3, on_nonfinite="raise")
+    trainer = quiet_trainer(max_steps=6, callbacks=[mon], plugins=[_cpu_fp16_plugin()])
+    trainer.fit(NaNAt(1), loader())  # GradScaler skips that step: normal under 16-mixed
+    assert mon.history[0]["amp/skipped_steps"] == 1.0 and mon.history[1]["amp/skipped_steps"] == 0.0
+    assert mon.history[0]["amp/loss_scale"] < 1024.0
+
+
+class Vanishing(TinyNet):
+    """Scales the conv layer's gradient down by 1e-5 after step 10."""
+
+    def on_after_backward(self) -> None:
+        if self.trainer.global_step >= 10:
+            for p in self.conv.parameters():
+                p.grad.mul_(1e-5)
+
+
+def test_vanishing_group_is_flagged() -> None:
+    mon = Recording(log_every_n_steps=2, baseline_steps=5, patience=2)
+    trainer = quiet_trainer(max_steps=24, callbacks=[mon])
+    with pytest.warns(UserWarning, match="gradients of 'conv' are vanishing"):
+        trainer.fit(Vanishing(), loader(64, 8))
+    flagged = [m.get("grad/vanishing/conv") for m in mon.history]
+    assert 1.0 in flagged and all(m.get("grad/vanishing/head") is None for m in mon.history)
+
+
+class _DDPCheck(pl.Callback):
+    def __init__(self) -> None:
+        self.ref = Reference()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self.ref.on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        mon = next(c for c in trainer.callbacks if isinstance(c, Recording))
+        assert len(mon.history) == trainer.global_step == 4
+        for r, m in zip(self.ref.norms, mon.history):
+            assert abs(m["grad/norm"] - r) <= 1e-5 * r  # all-reduced gradients, same on every rank
+        norms = torch.tensor([m["grad/norm"] for m in mon.history], dtype=torch.float64)
+        gathered = trainer.strategy.all_gather(norms)
+        assert torch.equal(gathered[0], gathered[1])
+
+
+def test_ddp_two_cpu_processes() -> None:
+    trainer = quiet_trainer(devices=2, strategy="ddp_fork", max_epochs=1, accumulate_grad_batches=2,
+                            callbacks=[Recording(log_every_n_steps=1), _DDPCheck()])
+    trainer.fit(TinyNet(), loader(128, 8))
+    assert trainer.state.finished
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(on_nonfinite="ignore"), r"`on_nonfinite` must be one of 'warn', 'stop', 'raise'"),
+        (dict(log_every_n_steps=0), "`log_every_n_steps`"),
+        (dict(group_by="layer"), "`group_by`"),
+        (dict(vanish_ratio=2.0), "`vanish_ratio`"),
+        (dict(explode_ratio=0.5), "`explode_ratio`"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        GradientMonitor(**kwargs)
