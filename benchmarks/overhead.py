@@ -35,14 +35,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.utilities import grad_norm  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import grad_norm
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from lightning_tricks import GradientMonitor, LabelSmoothing, Mixup, TricksMixin, WarmupCosine  # noqa: E402
-from lightning_tricks.demo.model import ConvBase  # noqa: E402
+from lightning_tricks import GradientMonitor, LabelSmoothing, Mixup, TricksMixin, WarmupCosine
+from lightning_tricks.demo.model import ConvBase
 
 CONFIGS = ("plain", "grad_norm", "monitor", "mixup", "timm_mixup", "all")
 

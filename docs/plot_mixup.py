@@ -10,11 +10,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from lightning_tricks.demo.data import digits  # noqa: E402
-from lightning_tricks.functional import cutmix, mixup, smooth_targets  # noqa: E402
+from lightning_tricks.demo.data import digits
+from lightning_tricks.functional import cutmix, mixup, smooth_targets
 
 
 def figure() -> plt.Figure:

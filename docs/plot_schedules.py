@@ -10,9 +10,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from lightning_tricks.functional import constant_with_warmup, linear_decay, step_decay, warmup_cosine  # noqa: E402
+from lightning_tricks.functional import constant_with_warmup, linear_decay, step_decay, warmup_cosine
 
 
 def main(out: Path = Path(__file__).parent / "img" / "schedules.png") -> Path:

@@ -1,0 +1,122 @@
+"""Checks only a GPU can make: real CUDA GradScaler, bf16 autocast, host-device syncs. Skipped without CUDA.
+
+Run on a GPU machine: ``python -m pytest -q tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_tricks import GradientMonitor, LabelSmoothing, Mixup, WarmupCosine
+from tests.conftest import TinyNet, loader
+from tests.test_gradient_monitor import NaNAt, Recording, Reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def gpu_trainer(**kw: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = dict(accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
+                                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    defaults.update(kw)
+    return pl.Trainer(**defaults)
+
+
+class SyncCounter(pl.Callback):
+    """Counts host-device syncs (sync debug mode 'warn') between consecutive training-batch ends."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, bool]] = []
+        self._ctx: Any = None
+
+    def _arm(self) -> None:
+        self._ctx = warnings.catch_warnings(record=True)
+        self._rec = self._ctx.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def _disarm(self) -> int:
+        if self._ctx is None:
+            return 0
+        torch.cuda.set_sync_debug_mode(0)
+        n = sum("synchroniz" in str(w.message) for w in self._rec)
+        self._ctx.__exit__(None, None, None)
+        self._ctx = None
+        return n
+
+    def on_train_start(self, *args: Any) -> None:
+        self._arm()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        n = self._disarm()
+        self.rows.append((n, trainer.global_step % trainer.log_every_n_steps == 0))
+        self._arm()
+
+    def on_train_end(self, *args: Any) -> None:
+        self._disarm()
+
+
+class SyncingNet(TinyNet):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        loss.item()  # a deliberate host read: the counter must see it
+        return loss
+
+
+def test_sync_counter_sees_a_sync() -> None:
+    counter = SyncCounter()
+    gpu_trainer(max_steps=6, log_every_n_steps=50, callbacks=[counter]).fit(SyncingNet(), loader())
+    assert all(n >= 1 for n, _ in counter.rows[1:])
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_no_sync_between_logging_steps(clip: float | None) -> None:
+    counter = SyncCounter()
+    trainer = gpu_trainer(max_steps=30, log_every_n_steps=10, precision="bf16-mixed", gradient_clip_val=clip,
+                          callbacks=[WarmupCosine(), LabelSmoothing(0.1), Mixup(0.2, cutmix_alpha=1.0),
+                                     GradientMonitor(), counter])
+    trainer.fit(TinyNet(), loader(64 * 8, 8))
+    non_logging = [n for n, logging in counter.rows[2:] if not logging]
+    print("syncs per non-logging step:", non_logging)
+    assert len(non_logging) > 20 and sum(non_logging) == 0
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_norms_match_reference_on_gpu(precision: str) -> None:
+    ref, mon = Reference(), Recording(log_every_n_steps=1)
+    trainer = gpu_trainer(max_steps=8, precision=precision, accumulate_grad_batches=2, callbacks=[ref, mon])
+    trainer.fit(TinyNet(), loader(128, 8))
+    assert len(mon.history) == 8
+    for r, m in zip(ref.norms, mon.history):
+        if r == r and r != float("inf"):  # GradScaler-skipped steps are inf in both
+            assert m["grad/norm"] == pytest.approx(r, rel=1e-4)
+    if precision == "16-mixed":
+        assert "amp/loss_scale" in mon.history[-1]
+
+
+def test_mixup_targets_float32_under_bf16() -> None:
+    class Check(TinyNet):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            loss = self.tricks_loss(self(x), y)
+            assert self.tricks_targets.dtype == torch.float32 and loss.dtype == torch.float32
+            assert torch.allclose(self.tricks_targets.sum(-1), torch.ones(len(y), device=y.device))
+            return loss
+
+    trainer = gpu_trainer(max_steps=4, precision="bf16-mixed", callbacks=[LabelSmoothing(0.1), Mixup(0.4)])
+    trainer.fit(Check(), loader())
+    assert trainer.global_step == 4
+
+
+def test_stop_on_nonfinite_on_gpu(tmp_path: Any) -> None:
+    mon = GradientMonitor(on_nonfinite="stop")
+    trainer = gpu_trainer(max_steps=40, default_root_dir=tmp_path, callbacks=[mon])
+    with pytest.warns(UserWarning, match=r"non-finite gradients at optimizer step 5 in group\(s\) head"):
+        trainer.fit(NaNAt(step=5), loader(64 * 8, 8))
+    print("stopped at global_step", trainer.global_step, mon.stop_message)
+    assert mon.stopped_step == 5 and trainer.global_step <= 9
+    assert mon.checkpoint_path is not None
