@@ -82,7 +82,9 @@ class Net(TricksMixin, pl.LightningModule):
         x, target = self.timm_mixup(x.clone(), y)
         logits = self(x)
         loss = self.soft_ce(logits.float(), target)
+        acc = (logits.argmax(-1) == target.argmax(-1)).float().mean()  # the same logging as the mixin's step
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
+        self.log("train_acc", acc, on_step=False, on_epoch=True, batch_size=x.shape[0])
         return loss
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
@@ -99,6 +101,7 @@ class StepTimer(pl.Callback):
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.rows: list[tuple[float, int, bool]] = []  # (seconds, syncs, logging step)
+        self.where: dict[str, int] = {}  # "file:line" of the Python frame that made a sync, non-logging steps
         self._t: float | None = None
         self._rec: Any = None
         self._ctx: Any = None
@@ -114,7 +117,9 @@ class StepTimer(pl.Callback):
         if not self.cuda or self._ctx is None:
             return 0
         torch.cuda.set_sync_debug_mode(0)
-        n = sum("synchroniz" in str(w.message) for w in self._rec)
+        hits = [w for w in self._rec if "synchroniz" in str(w.message)]
+        n = len(hits)
+        self._last_where = [f"{Path(w.filename).name}:{w.lineno}" for w in hits]
         self._ctx.__exit__(None, None, None)
         self._ctx = None
         return n
@@ -132,6 +137,9 @@ class StepTimer(pl.Callback):
         now = time.perf_counter()
         logging_step = trainer.global_step % trainer.log_every_n_steps == 0
         self.rows.append((now - self._t, syncs, logging_step))
+        if syncs and not logging_step:
+            for loc in self._last_where:
+                self.where[loc] = self.where.get(loc, 0) + 1
         self._t = now
         self._arm()
 
@@ -200,13 +208,17 @@ def main() -> None:
     lines = [f"machine: {machine}; torch {torch.__version__}; lightning {pl.__version__}; {precision}; "
              f"{steps} steps x {args.repeats} interleaved repeats; log_every_n_steps={args.log_every}", ""]
     for w in workloads(device):
+        where: dict[str, dict[str, int]] = {c: {} for c in args.configs}
         times: dict[str, list[float]] = {c: [] for c in args.configs}
         syncs: dict[str, list[int]] = {c: [] for c in args.configs}
         log_syncs: dict[str, list[int]] = {c: [] for c in args.configs}
         run_one(w, "plain", device, 20, precision, args.log_every)  # warm-up: cudnn autotune, allocator
         for _ in range(args.repeats):
             for c in args.configs:
-                rows = run_one(w, c, device, steps, precision, args.log_every).rows[args.warmup:]
+                timer = run_one(w, c, device, steps, precision, args.log_every)
+                for loc, k in timer.where.items():
+                    where[c][loc] = where[c].get(loc, 0) + k
+                rows = timer.rows[args.warmup:]
                 times[c] += [t for t, _, logging in rows if not logging]
                 syncs[c] += [s for _, s, logging in rows if not logging]
                 log_syncs[c] += [s for _, s, logging in rows if logging]
@@ -227,6 +239,11 @@ def main() -> None:
             entry[c] = {"median_ms": 1e3 * med, "ratio": ratio, "syncs_per_step": s, "syncs_logging": ls,
                         "n": len(times[c])}
         results["workloads"][w["name"]] = entry
+        if device == "cuda":
+            for c in args.configs:
+                top = sorted(where[c].items(), key=lambda kv: -kv[1])[:4]
+                entry[c]["sync_sites"] = top
+                lines.append(f"- sync sites, {c}: {top}")
         lines.append("")
         print("\n".join(lines[-(len(args.configs) + 4):]), flush=True)
     text = "\n".join(lines)

@@ -33,10 +33,12 @@ class TricksMixin:
     """Mix into a ``LightningModule`` (put it first: ``class Net(TricksMixin, L.LightningModule)``).
 
     Attributes:
-        ignore_index: index targets equal to it are left out of the loss (PyTorch's default ``-100``).
+        ignore_index: index targets equal to it are left out of the loss and the accuracy; ``None`` (the
+            default) means every sample counts (without tricks the loss is then ``F.cross_entropy``, which still
+            ignores PyTorch's default ``-100``). Set it for padding, e.g. ``ignore_index = -100``.
     """
 
-    ignore_index: int | None = -100
+    ignore_index: int | None = None
 
     # ----------------------------------------------------------------------------------- helpers
     def _tricks(self) -> list[TrickCallback]:
@@ -97,8 +99,9 @@ class TricksMixin:
             self.tricks_targets = target
             if target.is_floating_point():
                 return soft_cross_entropy(logits, target, self.ignore_index)
-            ignore = -100 if self.ignore_index is None else self.ignore_index
-            return F.cross_entropy(logits, target, ignore_index=ignore)
+            if self.ignore_index is None:
+                return F.cross_entropy(logits, target)
+            return F.cross_entropy(logits, target, ignore_index=self.ignore_index)
         soft = to_soft_targets(target, logits.shape[-1], self.ignore_index)
         for cb in tricks:
             soft = cb.tricks_transform_target(self, soft)

@@ -106,8 +106,10 @@ class Mixup(TrickCallback):
 
     # ------------------------------------------------------------------ sampling (host only)
     def _rng(self, trainer: pl.Trainer) -> np.random.Generator:
+        # Philox is counter-based: keyed by (seed, rank), positioned by the batch counter; cheap to build.
         counter = trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        return np.random.default_rng([int(self.seed or 0), trainer.global_rank, counter])
+        key = (int(self.seed or 0) % 2**64) ^ (trainer.global_rank * 0x9E3779B97F4A7C15 % 2**64)
+        return np.random.Generator(np.random.Philox(key=key, counter=counter))
 
     def _draw(self, rng: np.random.Generator, n: int, spatial: tuple[int, ...]) -> dict[str, Any]:
         """Draw ``lam`` (per batch or per sample), which samples use CutMix, their boxes and the pairing."""
@@ -115,9 +117,10 @@ class Mixup(TrickCallback):
         use_cut = self.cutmix_alpha > 0 and (self.alpha == 0 or rng.random(size) < self.switch_prob)
         lam_mix = sample_lambda(rng, self.alpha, size) if self.alpha > 0 else 1.0
         lam_cut = sample_lambda(rng, self.cutmix_alpha, size) if self.cutmix_alpha > 0 else 1.0
-        if np.any(use_cut) and not spatial:
+        any_cut = bool(use_cut) if size is None else bool(np.any(use_cut))
+        if any_cut and not spatial:
             raise ValueError("CutMix needs inputs with spatial dimensions, (N, C, L) or (N, C, H, W).")
-        box = sample_box(rng, spatial, lam_cut, self.cutmix_minmax, size) if np.any(use_cut) else None
+        box = sample_box(rng, spatial, lam_cut, self.cutmix_minmax, size) if any_cut else None
         keep = rng.random(size) >= self.prob  # not mixed: lam = 1
         return {"use_cut": use_cut, "lam": lam_mix, "box": box, "keep": keep, "index": rng.permutation(n)}
 
@@ -159,7 +162,7 @@ class Mixup(TrickCallback):
             else:
                 weight_x = weight.to(x.dtype).reshape(shape)
                 lam = weight
-            mixed = x * weight_x + x[index] * (1 - weight_x)
+            mixed = torch.lerp(x[index], x, weight_x)
         self._pending = (lam, index)
         return mixed
 

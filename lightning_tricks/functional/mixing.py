@@ -46,9 +46,11 @@ def _per_sample(lam: float | Tensor, like: Tensor) -> float | Tensor:
 
 
 def mix_pair(t: Tensor, lam: float | Tensor, index: Tensor) -> Tensor:
-    """``lam * t + (1 - lam) * t[index]`` with ``lam`` a float or one weight per sample ``(N,)``."""
-    w = _per_sample(lam, t)
-    return t * w + t[index] * (1 - w)
+    """``lam * t + (1 - lam) * t[index]`` with ``lam`` a float or one weight per sample ``(N,)``.
+
+    One gather and one fused ``lerp`` kernel: ``lerp(t[index], t, lam)``.
+    """
+    return torch.lerp(t[index], t, _per_sample(lam, t))
 
 
 def mixup(x: Tensor, soft_target: Tensor, lam: float | Tensor, index: Tensor) -> tuple[Tensor, Tensor]:

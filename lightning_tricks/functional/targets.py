@@ -32,46 +32,65 @@ def check_index_targets(target: Tensor, num_classes: int, ignore_index: int | No
     The range check is ``torch._assert_async``: on the CPU it raises at once (and the error then names the
     offending value); on an accelerator it is a device-side assertion that never stalls the step.
     """
+    _check_integer(target, num_classes)
+    valid = (target >= 0) & (target < num_classes)
+    if ignore_index is not None:
+        valid |= target == ignore_index
+    try:
+        torch._assert_async(valid.all(), "lightning_tricks: a target index is outside [0, num_classes)")
+    except RuntimeError:
+        raise _range_error(target, num_classes, ignore_index) from None
+
+
+def _check_integer(target: Tensor, num_classes: int) -> None:
     if target.is_floating_point() or target.is_complex():
         raise TypeError(
             f"expected class indices (an integer tensor) as targets, got a {target.dtype} tensor of shape "
             f"{tuple(target.shape)}; pass soft targets as a float tensor of shape (N, {num_classes})."
         )
+
+
+def _range_error(target: Tensor, num_classes: int, ignore_index: int | None) -> ValueError:
+    """The error for out-of-range indices, built only once something failed (it reads the target)."""
     valid = (target >= 0) & (target < num_classes)
     if ignore_index is not None:
         valid |= target == ignore_index
-    try:
-        # Raises at once on the CPU; on an accelerator it is queued on the device and never stalls the step.
-        torch._assert_async(valid.all(), "lightning_tricks: a target index is outside [0, num_classes)")
-    except RuntimeError:  # the CPU path: now that it failed, find the value to name (no cost when valid)
-        bad = target[~valid][0].item()
-        allowed = f"[0, {num_classes})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
-        raise ValueError(f"target index {bad} is out of range: class indices must be in {allowed}.") from None
+    bad = target[~valid][0].item() if not bool(valid.all()) else "?"
+    allowed = f"[0, {num_classes})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+    hint = "" if ignore_index is not None else " (set `ignore_index` for padding/ignored samples)"
+    return ValueError(f"target index {bad} is out of range: class indices must be in {allowed}{hint}.")
 
 
 def to_soft_targets(target: Tensor, num_classes: int, ignore_index: int | None = None) -> Tensor:
     """Class indices ``(N,)`` to float32 one-hot rows ``(N, K)``; rows of ``ignore_index`` are all zero.
 
-    Float targets of shape ``(N, K)`` are returned as float32 unchanged (they are already soft).
+    Float targets of shape ``(N, K)`` are returned as float32 (the same tensor if already float32).
+    Out-of-range indices are caught by the scatter itself: on the CPU a ``ValueError`` names the value; on an
+    accelerator it is the scatter's device-side assertion (checking first would cost extra kernels or a sync).
     """
     if target.is_floating_point():
         if target.ndim == 1:
-            check_index_targets(target, num_classes, ignore_index)  # float where indices are expected: TypeError
+            _check_integer(target, num_classes)  # float where indices are expected: TypeError
         if target.ndim != 2 or target.shape[-1] != num_classes:
             raise ValueError(
                 f"soft targets must have shape (N, {num_classes}), got {tuple(target.shape)}; "
                 "class indices must be an integer tensor."
             )
         return target.float()
-    check_index_targets(target, num_classes, ignore_index)
+    _check_integer(target, num_classes)
     if target.ndim != 1:
         raise ValueError(f"class-index targets must have shape (N,), got {tuple(target.shape)}.")
-    active = target != ignore_index if ignore_index is not None else None
-    index = target.clamp(0, num_classes - 1) if active is not None else target
     soft = torch.zeros(target.shape[0], num_classes, dtype=torch.float32, device=target.device)
-    soft.scatter_(1, index.unsqueeze(1), 1.0)
-    if active is not None:
-        soft.mul_(active.unsqueeze(1))
+    index: Tensor = target
+    value: Tensor | float = 1.0
+    if ignore_index is not None:
+        active = target != ignore_index
+        index = torch.where(active, target, 0)
+        value = active.unsqueeze(1).float()
+    try:
+        soft.scatter_(1, index.unsqueeze(1), value)  # type: ignore[arg-type]
+    except RuntimeError:
+        raise _range_error(target, num_classes, ignore_index) from None
     return soft
 
 
@@ -87,6 +106,8 @@ def smooth_targets(
     ``"uniform"``: :math:`s = (1 - \varepsilon)\,t + \varepsilon / K`.
     ``"others"``: :math:`s = (1 - \varepsilon)\,t + \varepsilon (1 - t) / (K - 1)`.
 
+    Rows with zero mass (ignored samples) stay zero: the added term is scaled by each row's mass.
+
     Args:
         target: class indices ``(N,)`` or one-hot/soft targets ``(N, K)``.
         num_classes: ``K``.
@@ -98,20 +119,27 @@ def smooth_targets(
     check_choice("convention", convention, CONVENTIONS)
     check_number("num_classes", num_classes, low=2 if convention == "others" else 1, integer=True)
     soft = to_soft_targets(target, num_classes, ignore_index)
-    mass = soft.sum(dim=-1, keepdim=True)  # 1 for a real row, 0 for an ignored one: keep ignored rows at 0
+    # A row's mass is 1 for a sample and 0 for an ignored one; index targets without ignore_index are all 1.
+    exact_rows = not target.is_floating_point() and ignore_index is None
+    mass: Tensor | float = 1.0 if exact_rows else soft.sum(dim=-1, keepdim=True)
     if convention == "uniform":
-        return soft * (1.0 - smoothing) + mass * (smoothing / num_classes)
-    return soft * (1.0 - smoothing) + (mass - soft) * (smoothing / (num_classes - 1))
+        keep, spread = 1.0 - smoothing, smoothing / num_classes
+    else:  # (1 - eps) t + eps (m - t) / (K - 1) = t (1 - eps - eps / (K - 1)) + m eps / (K - 1)
+        keep, spread = 1.0 - smoothing - smoothing / (num_classes - 1), smoothing / (num_classes - 1)
+    if isinstance(mass, Tensor):
+        return torch.add(soft * keep, mass, alpha=spread)
+    return soft.mul(keep).add_(spread)
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int | None = None) -> Tensor:
     r"""Cross-entropy against class indices or class probabilities, computed in float32.
 
-    .. math:: \ell = \frac{1}{|A|} \sum_{i \in A} -\sum_k t_{ik} \log \mathrm{softmax}(z_i)_k
+    .. math:: \ell = \frac{-\sum_i \sum_k t_{ik} \log \mathrm{softmax}(z_i)_k}{\sum_i \sum_k t_{ik}}
 
-    ``A`` is the set of active samples: all of them, except index targets equal to ``ignore_index`` or,
-    when ``ignore_index`` is given, soft rows that are all zero (what :func:`smooth_targets` makes of an
-    ignored index). Ignored samples contribute nothing and do not count in the mean. No host read.
+    For soft targets the denominator is the total target mass: ``N`` when every row sums to 1 (the plain
+    mean), and the number of active samples when ``ignore_index`` is given and ignored samples have all-zero
+    rows (what :func:`smooth_targets` makes of them), so ignored samples contribute nothing and do not count
+    in the mean. Index targets take ``F.cross_entropy`` (with ``ignore_index``). No host read.
 
     Args:
         logits: ``(N, K)`` scores of any float dtype (upcast to float32: no bf16 rounding of the loss).
@@ -120,12 +148,13 @@ def soft_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int | None 
     """
     logits = logits.float()
     if not target.is_floating_point():
-        check_index_targets(target, logits.shape[-1], ignore_index)
-        return F.cross_entropy(logits, target, ignore_index=-100 if ignore_index is None else ignore_index)
+        try:
+            return F.cross_entropy(logits, target, ignore_index=-100 if ignore_index is None else ignore_index)
+        except (IndexError, RuntimeError):
+            raise _range_error(target, logits.shape[-1], ignore_index) from None
     if target.shape != logits.shape:
         raise ValueError(f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}.")
-    per_sample = -(target.float() * F.log_softmax(logits, dim=-1)).sum(dim=-1)
+    total = (target * F.log_softmax(logits, dim=-1)).sum()
     if ignore_index is None:
-        return per_sample.mean()
-    active = target.sum(dim=-1) > 0
-    return (per_sample * active).sum() / active.sum().clamp_min(1)
+        return total * (-1.0 / target.shape[0])
+    return -total / target.sum().clamp_min(1e-12)
