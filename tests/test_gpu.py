@@ -46,7 +46,7 @@ class SyncCounter(pl.Callback):
         torch.cuda.set_sync_debug_mode(0)
         hits = [w for w in self._rec if "synchroniz" in str(w.message)]
         n = len(hits)
-        self.sites.update(f"{w.filename.rsplit('/', 2)[-2:]}:{w.lineno}" for w in hits)
+        self.sites.update(f"{w.filename}:{w.lineno}" for w in hits)
         self._ctx.__exit__(None, None, None)
         self._ctx = None
         return n
