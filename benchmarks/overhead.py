@@ -195,6 +195,7 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--out", type=Path, default=None, help="folder for overhead.json and overhead.md")
+    ap.add_argument("--workloads", nargs="+", default=None, help="names of the workloads to run (default: all)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     device = args.device
@@ -208,6 +209,8 @@ def main() -> None:
     lines = [f"machine: {machine}; torch {torch.__version__}; lightning {pl.__version__}; {precision}; "
              f"{steps} steps x {args.repeats} interleaved repeats; log_every_n_steps={args.log_every}", ""]
     for w in workloads(device):
+        if args.workloads and w["name"] not in args.workloads:
+            continue
         where: dict[str, dict[str, int]] = {c: {} for c in args.configs}
         times: dict[str, list[float]] = {c: [] for c in args.configs}
         syncs: dict[str, list[int]] = {c: [] for c in args.configs}

@@ -39,6 +39,9 @@ class TricksMixin:
     """
 
     ignore_index: int | None = None
+    #: Show the step's ``train_loss`` in the progress bar. Off by default: Lightning converts progress-bar values
+    #: with ``.item()`` on every step, a host-device sync per step on a GPU.
+    tricks_progress_bar_loss: bool = False
 
     # ----------------------------------------------------------------------------------- helpers
     def _tricks(self) -> list[TrickCallback]:
@@ -121,7 +124,8 @@ class TricksMixin:
         acc = correct.mean() if active is None else (correct * active).sum() / active.sum().clamp_min(1)
         on_step = stage == "train"
         sync = stage != "train"
-        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, sync_dist=sync,
+        prog_bar = self.tricks_progress_bar_loss or stage != "train"
+        self.log(f"{stage}_loss", loss, prog_bar=prog_bar, on_step=on_step, on_epoch=True, sync_dist=sync,
                  batch_size=x.shape[0])  # type: ignore[attr-defined]
         self.log(f"{stage}_acc", acc, prog_bar=stage != "train", on_step=False, on_epoch=True, sync_dist=sync,
                  batch_size=x.shape[0])  # type: ignore[attr-defined]

@@ -72,7 +72,7 @@ class Recording(GradientMonitor):
         original = pl_module.log_dict
 
         def capture(metrics: dict[str, float], **kw: Any) -> None:
-            self.history.append(dict(metrics))
+            self.history.append({k: float(v) for k, v in metrics.items()})
             self.steps.append(trainer.global_step)
             original(metrics, **kw)
 

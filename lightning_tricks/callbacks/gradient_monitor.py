@@ -245,7 +245,8 @@ class GradientMonitor(pl.Callback):
             metrics["amp/loss_scale"] = float(loss_scale)
             metrics["amp/skipped_steps"] = metrics["grad/nonfinite_steps"]
         self._update_health(trainer, metrics, np.sqrt(sq))
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        # CPU tensors: Lightning keeps them where they are, so logging adds no host-to-device copy (a sync).
+        pl_module.log_dict({k: torch.tensor(v) for k, v in metrics.items()}, on_step=True, on_epoch=False)
 
         bad = metrics["grad/nonfinite_steps"] > 0 and scaler is None
         if trainer.world_size > 1:
