@@ -83,7 +83,7 @@ class Net(TricksMixin, pl.LightningModule):
         logits = self(x)
         loss = self.soft_ce(logits.float(), target)
         acc = (logits.argmax(-1) == target.argmax(-1)).float().mean()  # the same logging as the mixin's step
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
+        self.log("train_loss", loss, on_step=True, on_epoch=True, batch_size=x.shape[0])
         self.log("train_acc", acc, on_step=False, on_epoch=True, batch_size=x.shape[0])
         return loss
 

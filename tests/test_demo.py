@@ -14,7 +14,7 @@ def test_demo_fast_writes_table_plots_and_figures(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "final acc %" in proc.stdout and "baseline" in proc.stdout and "recipe" in proc.stdout
-    for name in ("lr.png", "loss.png", "results.csv", "results.json"):
+    for name in ("lr.png", "loss.png", "grad_norms.png", "results.csv", "results.json"):
         assert (out / name).stat().st_size > 0
     results = json.loads((out / "results.json").read_text())
     assert {r["config"] for r in results} == {"baseline", "recipe"}

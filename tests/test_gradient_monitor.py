@@ -277,3 +277,16 @@ def test_ddp_two_cpu_processes() -> None:
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         GradientMonitor(**kwargs)
+
+
+def test_groups_look_through_a_wrapper() -> None:
+    from lightning_tricks.demo.model import Classifier, ConvBase
+
+    assert GradientLayout.from_module(Classifier(ConvBase())).names == ["net.conv1", "net.conv2", "net.conv3",
+                                                                       "net.linear"]
+    two = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), nn.Linear(2, 1))
+    assert GradientLayout.from_module(two).names == ["0", "1"]
+    assert GradientLayout.from_module(two, 2).names == ["0.0", "0.1", "1"]
+    assert len(GradientLayout.from_module(two, "parameter").names) == 6
+    with pytest.raises(ValueError, match="`group_by`"):
+        GradientLayout.from_module(two, 0)

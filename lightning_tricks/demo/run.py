@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader
 
-from lightning_tricks.callbacks import LabelSmoothing, Mixup, WarmupCosine
+from lightning_tricks.callbacks import GradientMonitor, LabelSmoothing, Mixup, WarmupCosine
 from lightning_tricks.demo.data import mnist1d
 from lightning_tricks.demo.model import Classifier, ConvBase
 
@@ -42,15 +42,16 @@ class Recorder(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         m = trainer.callback_metrics
         row = {"epoch": trainer.current_epoch}
-        for key in ("train_loss_epoch", "train_acc", "val_loss", "val_acc"):
-            if key in m:
-                row[key] = float(m[key])
+        for key, value in m.items():
+            if key in ("train_loss_epoch", "train_acc", "val_loss", "val_acc") or key.startswith("grad/norm"):
+                row[key] = float(value)
         self.epochs.append(row)
 
 
 def recipe_callbacks() -> list[pl.Callback]:
-    """The guide's recipe from the tricks that exist so far: warmup 0.1 + cosine, label smoothing 0.1, mixup 0.2."""
-    return [WarmupCosine(warmup=0.1), LabelSmoothing(0.1), Mixup(alpha=0.2)]
+    """The guide's recipe from the tricks that exist so far: warmup 0.1 + cosine, label smoothing 0.1, mixup 0.2,
+    and gradient monitoring (per-layer norms, stop on non-finite gradients)."""
+    return [WarmupCosine(warmup=0.1), LabelSmoothing(0.1), Mixup(alpha=0.2), GradientMonitor(on_nonfinite="stop")]
 
 
 def train_one(config: str, seed: int, args: argparse.Namespace, data: tuple[Any, Any]) -> dict[str, Any]:
@@ -160,7 +161,22 @@ def write_outputs(results: list[dict[str, Any]], out: Path) -> list[Path]:
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
     plt.close(fig)
-    return [out / n for n in ("results.csv", "results.json", "lr.png", "loss.png")]
+    recipe = [r for r in results if r["config"] == "recipe"]
+    if recipe:
+        r = recipe[0]
+        keys = sorted({k for e in r["epochs"] for k in e if k.startswith("grad/norm/")})
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for k in keys:
+            ax.plot([e["epoch"] for e in r["epochs"] if k in e], [e[k] for e in r["epochs"] if k in e],
+                    label=k.removeprefix("grad/norm/"))
+        ax.set(xlabel="epoch", ylabel="gradient 2-norm", yscale="log",
+               title=f"Per-layer gradient norms (recipe, seed {r['seed']}, GradientMonitor)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "grad_norms.png", dpi=120)
+        plt.close(fig)
+    return [out / n for n in ("results.csv", "results.json", "lr.png", "loss.png", "grad_norms.png")
+            if (out / n).exists()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -41,29 +41,32 @@ class GradientLayout:
     @classmethod
     def from_module(cls, module: nn.Module, by: str | int = "module") -> GradientLayout:
         """Group trainable parameters by top-level submodule (``"module"``), one group per parameter
-        (``"parameter"``), or by the first ``by`` components of the parameter name (an int depth)."""
+        (``"parameter"``), or by the first ``by`` components of the owning module's name (an int depth).
+
+        Depths count from below any wrapper that holds every parameter (``self.net = ...`` in a
+        LightningModule): ``"module"`` gives ``net.conv1``, ``net.conv2``, ... rather than one group ``net``.
+        """
         if by == "module":
             depth = 1
         elif by == "parameter":
-            depth = 10**6
+            depth = None
         elif isinstance(by, int) and not isinstance(by, bool) and by >= 1:
             depth = by
         else:
             raise ValueError(f"`group_by` must be 'module', 'parameter' or an int depth >= 1, got {by!r}.")
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        owners = [name.split(".")[:-1] for name, _ in named]
+        common = 0  # components shared by every owner: a wrapper around the whole model
+        while owners and all(len(o) > common for o in owners) and len({o[common] for o in owners}) == 1:
+            common += 1
         names: list[str] = []
-        params: list[nn.Parameter] = []
         group_of: list[int] = []
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            parts = name.split(".")
-            # the owning module's name, cut to `depth` components; a module's own parameter keeps its name
-            group = name if depth == 10**6 else ".".join(parts[: min(depth, len(parts) - 1)]) or name
+        for (name, _), owner in zip(named, owners):
+            group = name if depth is None else ".".join(owner[: common + depth]) or name
             if group not in names:
                 names.append(group)
-            params.append(p)
             group_of.append(names.index(group))
-        return cls(names, params, group_of)
+        return cls(names, [p for _, p in named], group_of)
 
     def index_on(self, device: torch.device) -> Tensor:
         """The group index as a long tensor on ``device`` (build once, reuse every step)."""
