@@ -68,19 +68,10 @@ class Recording(GradientMonitor):
         self.history: list[dict[str, float]] = []
         self.steps: list[int] = []
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        original = pl_module.log_dict
-
-        def capture(metrics: dict[str, float], **kw: Any) -> None:
-            self.history.append({k: float(v) for k, v in metrics.items()})
-            self.steps.append(trainer.global_step)
-            original(metrics, **kw)
-
-        pl_module.log_dict = capture  # type: ignore[method-assign]
-        try:
-            super()._log(trainer, pl_module)
-        finally:
-            pl_module.log_dict = original  # type: ignore[method-assign]
+    def _emit(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        self.history.append(dict(metrics))
+        self.steps.append(trainer.global_step)
+        super()._emit(trainer, metrics)
 
 
 def _cpu_fp16_plugin() -> MixedPrecision:
@@ -290,3 +281,18 @@ def test_groups_look_through_a_wrapper() -> None:
     assert len(GradientLayout.from_module(two, "parameter").names) == 6
     with pytest.raises(ValueError, match="`group_by`"):
         GradientLayout.from_module(two, 0)
+
+
+def test_metrics_reach_the_logger_and_callback_metrics(tmp_path: Any) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer = quiet_trainer(max_steps=20, log_every_n_steps=5, logger=CSVLogger(tmp_path),
+                            callbacks=[GradientMonitor()])
+    trainer.fit(TinyNet(), loader())
+    with open(os.path.join(trainer.logger.log_dir, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("grad/norm")]
+    assert [int(r["step"]) for r in rows] == [4, 9, 14, 19]  # the steps Lightning logs train_loss_step at
+    assert {"grad/norm/conv", "grad/norm/head", "grad/update_ratio/head"} <= set(rows[0])
+    assert float(trainer.callback_metrics["grad/norm"]) == pytest.approx(float(rows[-1]["grad/norm"]))
