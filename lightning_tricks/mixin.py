@@ -93,23 +93,31 @@ class TricksMixin:
 
         While fitting the training batches, trick callbacks turn ``target`` (class indices or soft
         targets) into float32 soft targets (smoothing, mixing) and the loss is
-        :func:`~lightning_tricks.functional.soft_cross_entropy` in float32. Otherwise, and whenever no
-        trick transforms targets, it is ``F.cross_entropy(logits, target)``, exactly what a plain
-        module computes. The effective targets are kept in ``self.tricks_targets`` for metrics.
+        :func:`~lightning_tricks.functional.soft_cross_entropy` in float32; loss tricks (distillation) then
+        combine it with their own term. Otherwise, and whenever no trick is attached, it is
+        ``F.cross_entropy(logits, target)``, exactly what a plain module computes. The effective targets are
+        kept in ``self.tricks_targets`` for metrics.
         """
-        tricks = [cb for cb in self._tricks() if cb.transforms_target] if self._tricks_fitting_train_batch() else []
-        if not tricks:
+        tricks = self._tricks() if self._tricks_fitting_train_batch() else []
+        target_tricks = [cb for cb in tricks if cb.transforms_target]
+        if target_tricks:
+            soft = to_soft_targets(target, logits.shape[-1], self.ignore_index)
+            for cb in target_tricks:
+                soft = cb.tricks_transform_target(self, soft)
+            self.tricks_targets = soft
+            loss = soft_cross_entropy(logits, soft, self.ignore_index)
+        else:
             self.tricks_targets = target
             if target.is_floating_point():
-                return soft_cross_entropy(logits, target, self.ignore_index)
-            if self.ignore_index is None:
-                return F.cross_entropy(logits, target)
-            return F.cross_entropy(logits, target, ignore_index=self.ignore_index)
-        soft = to_soft_targets(target, logits.shape[-1], self.ignore_index)
+                loss = soft_cross_entropy(logits, target, self.ignore_index)
+            elif self.ignore_index is None:
+                loss = F.cross_entropy(logits, target)
+            else:
+                loss = F.cross_entropy(logits, target, ignore_index=self.ignore_index)
         for cb in tricks:
-            soft = cb.tricks_transform_target(self, soft)
-        self.tricks_targets = soft
-        return soft_cross_entropy(logits, soft, self.ignore_index)
+            if cb.transforms_loss:
+                loss = cb.tricks_transform_loss(self, logits, self.tricks_targets, loss)
+        return loss
 
     # ----------------------------------------------------------------------------------- default steps
     def _tricks_step(self, batch: Any, stage: str) -> Tensor:

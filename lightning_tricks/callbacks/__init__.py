@@ -1,9 +1,12 @@
 """Lightning callbacks, one file per trick, each a thin adaptor over :mod:`lightning_tricks.functional`."""
 
 from lightning_tricks.callbacks._base import TrickCallback
+from lightning_tricks.callbacks.distillation import Distillation
 from lightning_tricks.callbacks.gradient_monitor import GradientMonitor, NonFiniteGradientError
 from lightning_tricks.callbacks.label_smoothing import LabelSmoothing
 from lightning_tricks.callbacks.mixup import Mixup
 from lightning_tricks.callbacks.warmup_cosine import WarmupCosine
 
-__all__ = ["GradientMonitor", "LabelSmoothing", "Mixup", "NonFiniteGradientError", "TrickCallback", "WarmupCosine"]
+__all__ = [
+    "Distillation",
+    "GradientMonitor", "LabelSmoothing", "Mixup", "NonFiniteGradientError", "TrickCallback", "WarmupCosine"]

@@ -16,13 +16,15 @@ if TYPE_CHECKING:
 class TrickCallback(pl.Callback):
     """A callback that transforms the training batch and/or the targets through the mixin's seam.
 
-    Subclasses set ``order`` (position in the seam, low first), ``transforms_batch``/``transforms_target``
-    and implement :meth:`tricks_transform_batch`/:meth:`tricks_transform_target`.
+    Subclasses set ``order`` (position in the seam, low first), ``transforms_batch``/``transforms_target``/
+    ``transforms_loss`` and implement :meth:`tricks_transform_batch`/:meth:`tricks_transform_target`/
+    :meth:`tricks_transform_loss`.
     """
 
     order: int = 0
     transforms_batch: bool = False
     transforms_target: bool = False
+    transforms_loss: bool = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from lightning_tricks.mixin import TricksMixin
@@ -55,3 +57,7 @@ class TrickCallback(pl.Callback):
     def tricks_transform_target(self, pl_module: TricksMixin, soft_target: Tensor) -> Tensor:
         """Return new float32 ``(N, K)`` soft targets for the current training batch."""
         return soft_target
+
+    def tricks_transform_loss(self, pl_module: TricksMixin, logits: Tensor, target: Tensor, loss: Tensor) -> Tensor:
+        """Return the training loss, given the student's logits, the effective targets and the loss so far."""
+        return loss

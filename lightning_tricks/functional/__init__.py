@@ -1,5 +1,6 @@
 """The math of each trick as plain PyTorch functions: no Lightning import, no hidden state."""
 
+from lightning_tricks.functional.distillation import distillation_loss, soft_distillation_loss
 from lightning_tricks.functional.mixing import (
     box_lambda,
     box_mask,
@@ -27,6 +28,7 @@ __all__ = [
     "box_mask",
     "constant_with_warmup",
     "cutmix",
+    "distillation_loss",
     "linear_decay",
     "mix_pair",
     "mixup",
@@ -34,6 +36,7 @@ __all__ = [
     "sample_lambda",
     "smooth_targets",
     "soft_cross_entropy",
+    "soft_distillation_loss",
     "step_decay",
     "to_soft_targets",
     "warmup_cosine",

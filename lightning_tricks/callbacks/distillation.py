@@ -1,0 +1,129 @@
+"""Knowledge distillation as a callback: a frozen teacher that costs nothing but its forward pass."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_tricks.callbacks._base import TrickCallback
+from lightning_tricks.functional._checks import check_number
+from lightning_tricks.functional.distillation import soft_distillation_loss
+
+if TYPE_CHECKING:
+    from lightning_tricks.mixin import TricksMixin
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    if not module:
+        raise ValueError(f"`teacher_class` must be a class or a dotted path such as 'pkg.module.Class', got {path!r}.")
+    return getattr(importlib.import_module(module), name)
+
+
+class Distillation(TrickCallback):
+    r"""Distil a frozen teacher into the student (Hinton et al., 2015) through :class:`TricksMixin`.
+
+    The training loss becomes
+
+    .. math:: \alpha\, T^2\, \mathrm{KL}(\mathrm{softmax}(t/T) \,\|\, \mathrm{softmax}(s/T)) + (1 - \alpha)\,\ell_{hard}
+
+    where :math:`\ell_{hard}` is the mixin's loss on the effective targets (label-smoothed and/or mixed when those
+    tricks are attached), and the teacher sees the same (mixed) inputs as the student. Validation and test keep
+    the plain loss. The soft and hard parts are logged as ``distill/soft`` and ``distill/hard`` (epoch means).
+
+    Args:
+        teacher: an ``nn.Module``, or the path of a Lightning checkpoint (then give ``teacher_class``).
+        temperature: :math:`T > 0` (the guide's example: 3).
+        alpha: weight of the soft term, in [0, 1] (the guide's example: 0.7).
+        teacher_class: the ``LightningModule`` class (or its dotted import path, for ``LightningCLI`` YAML) whose
+            ``load_from_checkpoint`` rebuilds the teacher from ``teacher``.
+
+    The teacher is kept outside the student on purpose: it is never a submodule, so it is not in the student's
+    optimizer, not in the student's checkpoint (same keys and size as a plain one), not wrapped by DDP and not
+    counted by Lightning's "modules in eval mode" check. The callback freezes it (``requires_grad=False``), puts it
+    in eval mode for the whole fit (Lightning never switches it, since it does not own it), moves it to the
+    student's device, and runs it under ``torch.no_grad()`` inside the precision plugin's autocast, the same as the
+    student's training step. Under DDP every rank runs its own copy. A resumed run rebuilds the teacher from the
+    same argument (its weights are not in the checkpoint).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[Distillation(teacher, temperature=3.0, alpha=0.7)])
+        # or, e.g. in a LightningCLI YAML:
+        # - class_path: lightning_tricks.callbacks.Distillation
+        #   init_args: {teacher: teacher.ckpt, teacher_class: my_project.models.BigNet}
+    """
+
+    order = 30
+    transforms_batch = True
+    transforms_loss = True
+
+    def __init__(
+        self,
+        teacher: nn.Module | str,
+        temperature: float = 3.0,
+        alpha: float = 0.7,
+        teacher_class: type[pl.LightningModule] | str | None = None,
+    ) -> None:
+        check_number("temperature", temperature, low=0.0, low_open=True)
+        check_number("alpha", alpha, low=0.0, high=1.0)
+        if isinstance(teacher, str):
+            if teacher_class is None:
+                raise ValueError(
+                    f"`teacher` is a checkpoint path ({teacher!r}): also give `teacher_class`, the LightningModule "
+                    "class (or its dotted import path) that `load_from_checkpoint` rebuilds it with."
+                )
+            cls = _import(teacher_class) if isinstance(teacher_class, str) else teacher_class
+            teacher = cls.load_from_checkpoint(teacher, map_location="cpu")
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"`teacher` must be an nn.Module or a checkpoint path, got {type(teacher).__name__}.")
+        self.teacher = teacher
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self._freeze()
+        self._teacher_logits: Tensor | None = None
+
+    def _freeze(self) -> None:
+        self.teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if any(m is self.teacher for m in pl_module.modules()):
+            raise ValueError(
+                "the teacher is registered as a submodule of the student: it would be trained, checkpointed and "
+                "wrapped by DDP. Keep it only in Distillation(teacher=...)."
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.teacher.to(pl_module.device)
+        self._freeze()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.teacher.eval()  # cheap insurance against user code that calls .train() on everything it can reach
+
+    # ------------------------------------------------------------------ the seam
+    def tricks_transform_batch(self, pl_module: TricksMixin, x: Tensor, y: Tensor) -> Tensor:
+        trainer = pl_module.trainer  # type: ignore[attr-defined]
+        with torch.no_grad(), trainer.precision_plugin.train_step_context():
+            self._teacher_logits = self.teacher(x)
+        return x
+
+    def tricks_transform_loss(self, pl_module: TricksMixin, logits: Tensor, target: Tensor, loss: Tensor) -> Tensor:
+        teacher_logits = self._teacher_logits
+        if teacher_logits is None:
+            return loss
+        soft = soft_distillation_loss(logits, teacher_logits, self.temperature)  # checks the shapes
+        n = logits.shape[0]
+        pl_module.log("distill/soft", soft, on_step=False, on_epoch=True, batch_size=n)  # type: ignore[attr-defined]
+        pl_module.log("distill/hard", loss, on_step=False, on_epoch=True, batch_size=n)  # type: ignore[attr-defined]
+        return self.alpha * soft + (1.0 - self.alpha) * loss
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._teacher_logits = None  # free the activations' memory between steps
