@@ -10,14 +10,15 @@ from pathlib import Path
 
 def test_demo_fast_writes_table_plots_and_figures(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "lightning_tricks", "demo", "--fast", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "lightning_tricks", "demo", "--fast", "--distill", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "final acc %" in proc.stdout and "baseline" in proc.stdout and "recipe" in proc.stdout
     for name in ("lr.png", "loss.png", "grad_norms.png", "results.csv", "results.json"):
         assert (out / name).stat().st_size > 0
     results = json.loads((out / "results.json").read_text())
-    assert {r["config"] for r in results} == {"baseline", "recipe"}
+    assert {r["config"] for r in results} == {"baseline", "recipe", "distilled"}
+    assert "teacher test accuracy" in proc.stdout
     recipe = next(r for r in results if r["config"] == "recipe")
     baseline = next(r for r in results if r["config"] == "baseline")
     assert len(recipe["lr"]) == 10  # 2 epochs x 5 batches: one lr per optimizer step

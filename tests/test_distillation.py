@@ -190,5 +190,5 @@ def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
 def test_checkpoint_path_needs_a_class() -> None:
     with pytest.raises(ValueError, match="also give `teacher_class`"):
         Distillation("teacher.ckpt")
-    with pytest.raises(TypeError, match="must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"must be an nn\.Module"):
         Distillation(3)  # type: ignore[arg-type]
