@@ -1,7 +1,23 @@
 """lightning-tricks: proven deep-learning training tricks as drop-in PyTorch Lightning callbacks."""
 
-from lightning_tricks.callbacks import Distillation, GradientMonitor, LabelSmoothing, Mixup, WarmupCosine
+from lightning_tricks.callbacks import (
+    Distillation,
+    EarlyStopping,
+    GradientMonitor,
+    LabelSmoothing,
+    Mixup,
+    WarmupCosine,
+)
 from lightning_tricks.mixin import TricksMixin
 
 __version__ = "0.1.0"
-__all__ = ["Distillation", "GradientMonitor", "LabelSmoothing", "Mixup", "TricksMixin", "WarmupCosine", "__version__"]
+__all__ = [
+    "Distillation",
+    "EarlyStopping",
+    "GradientMonitor",
+    "LabelSmoothing",
+    "Mixup",
+    "TricksMixin",
+    "WarmupCosine",
+    "__version__",
+]

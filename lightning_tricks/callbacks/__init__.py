@@ -2,6 +2,7 @@
 
 from lightning_tricks.callbacks._base import TrickCallback
 from lightning_tricks.callbacks.distillation import Distillation
+from lightning_tricks.callbacks.early_stopping import EarlyStopping
 from lightning_tricks.callbacks.gradient_monitor import GradientMonitor, NonFiniteGradientError
 from lightning_tricks.callbacks.label_smoothing import LabelSmoothing
 from lightning_tricks.callbacks.mixup import Mixup
@@ -9,4 +10,5 @@ from lightning_tricks.callbacks.warmup_cosine import WarmupCosine
 
 __all__ = [
     "Distillation",
+    "EarlyStopping",
     "GradientMonitor", "LabelSmoothing", "Mixup", "NonFiniteGradientError", "TrickCallback", "WarmupCosine"]

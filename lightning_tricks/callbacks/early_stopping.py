@@ -1,0 +1,175 @@
+"""Lightning's EarlyStopping, plus Keras' ``restore_best_weights``, ``start_from_epoch`` and ``baseline``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import EarlyStopping as _LightningEarlyStopping
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_tricks.functional._checks import check_number
+
+
+class EarlyStopping(_LightningEarlyStopping):
+    r"""A drop-in for :class:`lightning.pytorch.callbacks.EarlyStopping` that can also keep the best model.
+
+    Every argument and behaviour of Lightning's class is unchanged (``monitor``, ``min_delta``, ``patience``,
+    ``mode``, ``strict``, ``check_finite``, ``stopping_threshold``, ``divergence_threshold``,
+    ``check_on_train_epoch_end``, ``log_rank_zero_only``, the ``state_key``, the any-rank DDP decision and resume).
+    New, as Keras users know them:
+
+    Args:
+        restore_best_weights: when training stops, and at the end of fit, load the weights of the best check into
+            the module. They are kept on the host (CPU copies, no second copy on the device), taken at the same
+            checks on every DDP rank (rank 0 decides), and saved in the callback's checkpoint state so a resumed run
+            can still restore them (checkpoints grow by one copy of the weights).
+        start_from_epoch: no check counts before this epoch (0-based): neither patience nor the best score.
+        baseline: the metric must beat this value (by ``min_delta``) to reset the patience: stop if it does not
+            within ``patience`` checks. The best weights are still tracked below the baseline (as Keras does).
+
+    Whenever it stops it says why, with the best score and its epoch (``rank_zero_info``; also in
+    ``stopping_reason_message`` and ``summary``).
+
+    Example::
+
+        EarlyStopping("val_loss", patience=10, restore_best_weights=True)
+    """
+
+    def __init__(
+        self,
+        monitor: str,
+        min_delta: float = 0.0,
+        patience: int = 3,
+        verbose: bool = False,
+        mode: str = "min",
+        strict: bool = True,
+        check_finite: bool = True,
+        stopping_threshold: float | None = None,
+        divergence_threshold: float | None = None,
+        check_on_train_epoch_end: bool | None = None,
+        log_rank_zero_only: bool = False,
+        restore_best_weights: bool = False,
+        start_from_epoch: int = 0,
+        baseline: float | None = None,
+    ) -> None:
+        super().__init__(
+            monitor=monitor,
+            min_delta=min_delta,
+            patience=patience,
+            verbose=verbose,
+            mode=mode,
+            strict=strict,
+            check_finite=check_finite,
+            stopping_threshold=stopping_threshold,
+            divergence_threshold=divergence_threshold,
+            check_on_train_epoch_end=check_on_train_epoch_end,
+            log_rank_zero_only=log_rank_zero_only,
+        )
+        check_number("start_from_epoch", start_from_epoch, low=0, integer=True)
+        if baseline is not None:
+            check_number("baseline", baseline)
+        self.restore_best_weights = restore_best_weights
+        self.start_from_epoch = start_from_epoch
+        self.baseline = None if baseline is None else float(baseline)
+        self.best_epoch: int | None = None
+        self.best_weights: dict[str, Tensor] | None = None
+        self.summary: str | None = None
+        self._restored = False
+
+    # ------------------------------------------------------------------ the check
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        if trainer.current_epoch < self.start_from_epoch:
+            return
+        previous_best = self.best_score
+        was_stopping = trainer.should_stop
+        super()._run_early_stopping_check(trainer)
+        improved = self.best_score is not previous_best  # Lightning rebinds best_score on an improvement
+        if trainer.world_size > 1:  # one decision for every rank, so all keep the same weights
+            improved = bool(trainer.strategy.broadcast(improved, src=0))
+        if improved:
+            self.best_epoch = trainer.current_epoch
+            if self.restore_best_weights:
+                module = trainer.lightning_module
+                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        if trainer.should_stop and not was_stopping and self.stopped_epoch == trainer.current_epoch:
+            self._on_stop(trainer)
+
+    def _evaluate_stopping_criteria(self, current: Tensor) -> tuple[bool, str | None]:
+        previous_wait = self.wait_count
+        previous_best = self.best_score
+        should_stop, reason = super()._evaluate_stopping_criteria(current)
+        improved = self.best_score is not previous_best
+        if improved and self.baseline is not None and not self._beats_baseline(current):
+            # Keras: a new best that does not beat the baseline does not reset the patience.
+            self.wait_count = previous_wait + 1
+            if self.wait_count >= self.patience:
+                should_stop = True
+                self.stopping_reason = type(self.stopping_reason).PATIENCE_EXHAUSTED
+                reason = (
+                    f"Monitored metric {self.monitor} did not beat the baseline {self.baseline} in the last "
+                    f"{self.wait_count} records. Best score: {float(self.best_score):.3f}. Signaling Trainer to stop."
+                )
+        return should_stop, reason
+
+    def _beats_baseline(self, current: Tensor) -> bool:
+        assert self.baseline is not None
+        value = float(current) - float(self.min_delta)
+        return value > self.baseline if self.mode == "max" else value < self.baseline
+
+    # ------------------------------------------------------------------ stopping and restoring
+    def _on_stop(self, trainer: pl.Trainer) -> None:
+        best = float(self.best_score)
+        where = f" at epoch {self.best_epoch}" if self.best_epoch is not None else ""
+        self.summary = (
+            f"EarlyStopping stopped training at epoch {trainer.current_epoch}: {self.stopping_reason_message} "
+            f"Best {self.monitor} = {best:.4g}{where}."
+            + (" The best weights are restored." if self.restore_best_weights and self.best_weights else "")
+        )
+        rank_zero_info(self.summary)
+        self._restore(trainer)
+
+    def _restore(self, trainer: pl.Trainer) -> None:
+        if not self.restore_best_weights or self.best_weights is None:
+            return
+        module = trainer.lightning_module
+        module.load_state_dict({k: v.to(module.device) for k, v in self.best_weights.items()})
+        self._restored = True
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restored = False
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # At the end of fit the module holds the best weights, whether or not this callback stopped it.
+        if self.restore_best_weights and self.best_weights is not None:
+            self._restore(trainer)
+            if self.summary is None:
+                rank_zero_info(
+                    f"EarlyStopping: training ended at epoch {trainer.current_epoch}; restored the weights of the best "
+                    f"check, {self.monitor} = {float(self.best_score):.4g} at epoch {self.best_epoch}."
+                )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["best_epoch"] = self.best_epoch
+        if self.restore_best_weights:
+            state["best_weights"] = self.best_weights
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.best_epoch = state_dict.get("best_epoch")
+        if self.restore_best_weights:
+            self.best_weights = state_dict.get("best_weights")
+        if self.best_weights is None and self.restore_best_weights and math.isfinite(float(self.best_score)):
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                "EarlyStopping(restore_best_weights=True) resumed from a checkpoint without best weights (written "
+                "without restore_best_weights): the best weights from before the resume cannot be restored."
+            )
+
+
