@@ -6,6 +6,7 @@ from lightning_tricks.callbacks import (
     GradientMonitor,
     LabelSmoothing,
     Mixup,
+    TrainingDoctor,
     WarmupCosine,
 )
 from lightning_tricks.mixin import TricksMixin
@@ -17,6 +18,7 @@ __all__ = [
     "GradientMonitor",
     "LabelSmoothing",
     "Mixup",
+    "TrainingDoctor",
     "TricksMixin",
     "WarmupCosine",
     "__version__",

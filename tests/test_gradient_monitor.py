@@ -296,3 +296,12 @@ def test_metrics_reach_the_logger_and_callback_metrics(tmp_path: Any) -> None:
     assert [int(r["step"]) for r in rows] == [4, 9, 14, 19]  # the steps Lightning logs train_loss_step at
     assert {"grad/norm/conv", "grad/norm/head", "grad/update_ratio/head"} <= set(rows[0])
     assert float(trainer.callback_metrics["grad/norm"]) == pytest.approx(float(rows[-1]["grad/norm"]))
+
+
+def test_warn_every_step_keeps_logging() -> None:
+    """Regression: a non-finite step in "warn" mode must still flush the interval's buffer."""
+    mon = Recording(log_every_n_steps=1, on_nonfinite="warn")
+    trainer = quiet_trainer(max_steps=5, callbacks=[mon])
+    with pytest.warns(UserWarning, match="Training goes on"):
+        trainer.fit(NaNAt(1), loader())
+    assert len(mon.history) == 5 and mon.history[1]["grad/nonfinite_steps"] == 1.0

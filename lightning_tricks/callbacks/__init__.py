@@ -2,6 +2,7 @@
 
 from lightning_tricks.callbacks._base import TrickCallback
 from lightning_tricks.callbacks.distillation import Distillation
+from lightning_tricks.callbacks.doctor import Finding, TrainingDoctor
 from lightning_tricks.callbacks.early_stopping import EarlyStopping
 from lightning_tricks.callbacks.gradient_monitor import GradientMonitor, NonFiniteGradientError
 from lightning_tricks.callbacks.label_smoothing import LabelSmoothing
@@ -11,4 +12,12 @@ from lightning_tricks.callbacks.warmup_cosine import WarmupCosine
 __all__ = [
     "Distillation",
     "EarlyStopping",
-    "GradientMonitor", "LabelSmoothing", "Mixup", "NonFiniteGradientError", "TrickCallback", "WarmupCosine"]
+    "Finding",
+    "GradientMonitor",
+    "LabelSmoothing",
+    "Mixup",
+    "NonFiniteGradientError",
+    "TrainingDoctor",
+    "TrickCallback",
+    "WarmupCosine",
+]

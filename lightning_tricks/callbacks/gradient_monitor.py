@@ -168,7 +168,8 @@ class GradientMonitor(pl.Callback):
             if self._cpu_view is not None:  # CPU: the buffer is host memory already
                 if not np.isfinite(self._cpu_view[row]).all():
                     self._handle_nonfinite(trainer, pl_module, self._host_rows(), before_update=True)
-                    return
+                    if self.stopped_step is not None:
+                        return
             elif self._device.type == "cuda":
                 self._flag_host.copy_(self._hist[row], non_blocking=True)
                 self._flag_event = torch.cuda.Event()

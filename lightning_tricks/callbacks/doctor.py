@@ -1,0 +1,342 @@
+"""TrainingDoctor: reads the signs of a training run and says, in plain words, what is wrong and what to try."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_tricks.functional._checks import check_number
+
+SEVERITIES = ("info", "warning", "error")
+
+
+@dataclass
+class Finding:
+    """One diagnosis: what, how bad, the numbers behind it and what to do next."""
+
+    code: str
+    severity: str
+    title: str
+    evidence: dict[str, Any]
+    advice: list[str]
+    epoch: int
+    step: int
+
+    def markdown(self) -> str:
+        ev = ", ".join(f"{k} = {_fmt(v)}" for k, v in self.evidence.items())
+        tips = "".join(f"\n  - {a}" for a in self.advice)
+        return f"- **{self.severity.upper()}** [{self.code}] {self.title} (epoch {self.epoch}, step {self.step})\n" \
+               f"  - evidence: {ev}\n  - next:{tips}"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+@dataclass
+class _Epoch:
+    epoch: int
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    lr: float | None
+    step_loss_mean: float
+    step_loss_max: float
+    nonfinite_loss_steps: int
+    grad: dict[str, float] = field(default_factory=dict)
+
+
+class TrainingDoctor(pl.Callback):
+    r"""Watch train/validation loss, lr and gradient statistics and report the guide's diagnosis table.
+
+    Findings (each with a severity, the numbers that support it and the next action):
+
+    * ``nonfinite_loss`` (error): the loss became NaN/inf; the step, whether the inputs held NaN/inf, the
+      gradient norm's growth and the first non-finite group (from :class:`GradientMonitor`) tell lr too large,
+      exploding gradients, bad data or numerics apart.
+    * ``loss_not_falling`` (warning): after ``min_epochs``, the epoch training loss fell by less than
+      ``flat_tolerance`` from the first epoch: lr too small (with the update/weight ratio when the monitor runs),
+      data or labels wrong, output size mismatch.
+    * ``overfitting`` (warning): training loss still falls while validation loss is more than
+      ``overfit_tolerance`` above its best for ``patience`` epochs: regularise; if validation never improved,
+      possible leakage or too small a validation set.
+    * ``unstable_loss`` (warning): steps whose loss is ``spike_ratio`` times the epoch mean, or an epoch loss
+      that rose by more than 20 % over the previous one, in two epochs or more: warmup, lower lr, clipping,
+      normalisation layers.
+    * ``vanishing_gradients`` / ``exploding_gradients`` (warning): flagged by :class:`GradientMonitor`.
+    * ``healthy`` / ``too_short`` (info).
+
+    A warning is raised when a problem first appears; the report prints at the end of fit, goes to the loggers
+    (``doctor/warnings``, ``doctor/errors``) and is written as ``doctor_report.md`` and ``doctor_report.json``
+    next to the logs (the logger's ``log_dir``, else ``default_root_dir``; or ``out_dir``).
+
+    Cost: a few kernels per step on the device (loss sum/max, a finite check of the inputs); the host reads
+    them once per epoch.
+
+    Args:
+        train_loss: the logged training loss (``<name>_epoch`` is used when it exists).
+        val_loss: the logged validation loss.
+        min_epochs: epochs before the loss-trend findings are judged.
+        flat_tolerance: relative fall of the training loss below which it "does not fall".
+        overfit_tolerance: relative rise of the validation loss above its best that counts as overfitting.
+        patience: epochs the validation loss must stay above that level.
+        spike_ratio: a step loss this many times the epoch mean is a spike.
+        out_dir: where to write the report (default: next to the logs).
+    """
+
+    def __init__(
+        self,
+        train_loss: str = "train_loss",
+        val_loss: str = "val_loss",
+        min_epochs: int = 3,
+        flat_tolerance: float = 0.05,
+        overfit_tolerance: float = 0.1,
+        patience: int = 2,
+        spike_ratio: float = 5.0,
+        out_dir: str | None = None,
+    ) -> None:
+        check_number("min_epochs", min_epochs, low=1, integer=True)
+        check_number("flat_tolerance", flat_tolerance, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_number("overfit_tolerance", overfit_tolerance, low=0.0, low_open=True)
+        check_number("patience", patience, low=1, integer=True)
+        check_number("spike_ratio", spike_ratio, low=1.0, low_open=True)
+        self.train_loss, self.val_loss = train_loss, val_loss
+        self.min_epochs, self.flat_tolerance = min_epochs, flat_tolerance
+        self.overfit_tolerance, self.patience, self.spike_ratio = overfit_tolerance, patience, spike_ratio
+        self.out_dir = out_dir
+        self.findings: list[Finding] = []
+        self.history: list[_Epoch] = []
+        self.report_paths: list[str] = []
+
+    # ------------------------------------------------------------------ per step: device only
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.findings, self.history, self.report_paths = [], [], []
+        dev = pl_module.device
+        # [loss sum, loss max, steps, non-finite loss steps, first non-finite loss step, non-finite input batches,
+        #  first non-finite input step]
+        self._acc = torch.zeros(7, dtype=torch.float32, device=dev)
+        self._reset_acc()
+
+    def _reset_acc(self) -> None:
+        self._acc.zero_()
+        self._acc[4] = -1.0
+        self._acc[6] = -1.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        tensors = [t for t in _tensors(batch) if t.is_floating_point()]
+        if tensors:
+            bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
+            self._acc[5] += bad
+            self._acc[6] = torch.where(bad & (self._acc[6] < 0), float(trainer.global_step), self._acc[6])
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, Tensor):
+            return
+        loss = loss.detach().float().reshape(())
+        finite = torch.isfinite(loss)
+        safe = torch.where(finite, loss, 0.0)
+        self._acc[0] += safe
+        self._acc[1] = torch.maximum(self._acc[1], safe)
+        self._acc[2] += 1
+        self._acc[3] += ~finite
+        self._acc[4] = torch.where(~finite & (self._acc[4] < 0), float(trainer.global_step), self._acc[4])
+
+    # ------------------------------------------------------------------ per epoch: one host read
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        acc = self._acc.tolist()
+        self._reset_acc()
+        m = trainer.callback_metrics
+        rec = _Epoch(
+            epoch=trainer.current_epoch,
+            step=trainer.global_step,
+            train_loss=_metric(m, f"{self.train_loss}_epoch") or _metric(m, self.train_loss),
+            val_loss=_metric(m, self.val_loss),
+            lr=trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
+            step_loss_mean=acc[0] / max(acc[2], 1.0),
+            step_loss_max=acc[1],
+            nonfinite_loss_steps=int(acc[3]),
+            grad={k: float(v) for k, v in m.items() if k.startswith(("grad/", "amp/"))},
+        )
+        self.history.append(rec)
+        self._diagnose(trainer, rec, first_bad_loss=int(acc[4]), bad_inputs=int(acc[5]), first_bad_input=int(acc[6]))
+
+    # ------------------------------------------------------------------ the diagnosis table
+    def _add(self, trainer: pl.Trainer, code: str, severity: str, title: str, evidence: dict[str, Any],
+             advice: list[str]) -> None:
+        if any(f.code == code for f in self.findings):
+            return  # each problem is reported once, when it first appears
+        f = Finding(code, severity, title, evidence, advice, trainer.current_epoch, trainer.global_step)
+        self.findings.append(f)
+        if severity != "info":
+            rank_zero_warn(f"TrainingDoctor: {title} ({', '.join(f'{k}={_fmt(v)}' for k, v in evidence.items())}). "
+                           f"Next: {advice[0]}")
+
+    def _diagnose(self, trainer: pl.Trainer, rec: _Epoch, first_bad_loss: int, bad_inputs: int,
+                  first_bad_input: int) -> None:
+        h = self.history
+        # 1. non-finite loss
+        nonfinite = rec.nonfinite_loss_steps > 0 or (rec.train_loss is not None and not math.isfinite(rec.train_loss))
+        if nonfinite or bad_inputs:
+            self._nonfinite(trainer, rec, first_bad_loss, bad_inputs, first_bad_input)
+        # gradient flags from GradientMonitor
+        for key in rec.grad:
+            for kind in ("vanishing", "exploding"):
+                if key.startswith(f"grad/{kind}/") and rec.grad[key] == 1.0:
+                    group = key.rsplit("/", 1)[-1]
+                    self._add(trainer, f"{kind}_gradients", "warning",
+                              f"the gradients of '{group}' are {kind}", {"group": group, "epoch": rec.epoch},
+                              ["exploding: clip gradients (gradient_clip_val=1.0), lower the lr, add normalisation"
+                               if kind == "exploding" else
+                               "vanishing: check the init (He for ReLU), add residual connections or normalisation, "
+                               "raise that group's lr"])
+        if len(h) < self.min_epochs or nonfinite:
+            return
+        losses = [e.train_loss for e in h if e.train_loss is not None and math.isfinite(e.train_loss)]
+        # 2. training loss does not fall
+        if len(losses) >= self.min_epochs:
+            first, now = losses[0], losses[-1]
+            fall = (first - now) / abs(first) if first else 0.0
+            if fall < self.flat_tolerance:
+                ev: dict[str, Any] = {"first_epoch_loss": first, "now": now, "relative_fall": fall, "lr": rec.lr}
+                ratios = [v for k, v in rec.grad.items() if k.startswith("grad/update_ratio/")]
+                if ratios:
+                    ev["max_update_ratio"] = max(ratios)
+                small_lr = bool(ratios) and max(ratios) < 1e-5
+                self._add(trainer, "loss_not_falling", "warning", "the training loss does not fall", ev, [
+                    ("the lr is far too small: updates are under 1e-5 of the weights (1e-3 is typical); raise it or "
+                     "run Lightning's LR finder") if small_lr else
+                    "lr too small? try 10x, or Lightning's LR finder (Tuner.lr_find)",
+                    "data or labels wrong? look at a batch: do the labels match the inputs (not shuffled apart)?",
+                    "output size mismatch? the head must output one logit per class",
+                    "can the model overfit one batch? (Trainer(overfit_batches=1)): if not, it is a bug",
+                ])
+        # 3. training loss falls, validation does not
+        vals = [(e.epoch, e.val_loss) for e in h if e.val_loss is not None and math.isfinite(e.val_loss)]
+        if len(vals) >= self.min_epochs and len(losses) >= 2:
+            best_epoch, best = min(vals, key=lambda t: t[1])
+            above = [v for ep, v in vals if ep > best_epoch and v > best * (1 + self.overfit_tolerance)]
+            train_at_best = next((e.train_loss for e in h if e.epoch == best_epoch), None)
+            still_falling = train_at_best is not None and losses[-1] < train_at_best
+            if len(above) >= self.patience and vals[-1][1] > best * (1 + self.overfit_tolerance) and still_falling:
+                advice = ["regularise: weight decay, dropout, data augmentation, mixup or label smoothing",
+                          "stop early and keep the best weights: EarlyStopping(restore_best_weights=True)",
+                          "more data, or a smaller model"]
+                if best_epoch == 0:
+                    advice.append("validation never improved: check for leakage or a validation set that is too "
+                                  "small or from another distribution")
+                self._add(trainer, "overfitting", "warning", "the training loss falls but the validation loss does not",
+                          {"best_val_loss": best, "best_epoch": best_epoch, "val_loss_now": vals[-1][1],
+                           "train_loss_at_best": train_at_best, "train_loss_now": losses[-1]}, advice)
+        # 4. unstable or spiky loss
+        spiky = [e.epoch for e in h[1:]
+                 if e.step_loss_mean > 0 and e.step_loss_max > self.spike_ratio * e.step_loss_mean]
+        rises = [h[i].epoch for i in range(max(1, len(h) - 6), len(h))
+                 if h[i].train_loss is not None and h[i - 1].train_loss is not None
+                 and h[i].train_loss > 1.2 * h[i - 1].train_loss]
+        if len(spiky) >= 2 or len(rises) >= 2:
+            self._add(trainer, "unstable_loss", "warning", "the training loss is unstable or spiky",
+                      {"epochs_with_spikes": len(spiky), "epoch_loss_rises_over_20pct": len(rises),
+                       "worst_spike_ratio": max((e.step_loss_max / e.step_loss_mean for e in h if e.step_loss_mean > 0),
+                                                default=0.0), "lr": rec.lr},
+                      ["add or lengthen the lr warmup (WarmupCosine)", "lower the lr",
+                       "clip gradients (gradient_clip_val=1.0)", "add normalisation layers (BatchNorm/LayerNorm)"])
+
+    def _nonfinite(self, trainer: pl.Trainer, rec: _Epoch, first_bad_loss: int, bad_inputs: int,
+                   first_bad_input: int) -> None:
+        ev: dict[str, Any] = {"nonfinite_loss_steps": rec.nonfinite_loss_steps, "lr": rec.lr}
+        if first_bad_loss >= 0:
+            ev["first_nonfinite_loss_step"] = first_bad_loss
+        advice: list[str] = []
+        if bad_inputs:
+            ev["nonfinite_input_batches"] = bad_inputs
+            ev["first_nonfinite_input_step"] = first_bad_input
+            advice.append(f"NaN/inf in the data (first at step {first_bad_input}): check the dataset and the "
+                          "augmentations; assert torch.isfinite(x).all() in the dataset")
+        monitor = next((cb for cb in trainer.callbacks if type(cb).__name__ == "GradientMonitor"), None)
+        if monitor is not None and getattr(monitor, "stop_message", None):
+            ev["gradient_monitor"] = monitor.stop_message
+        norms = [e.grad.get("grad/norm_max") for e in self.history if e.grad.get("grad/norm_max") is not None]
+        norms = [n for n in norms if math.isfinite(n)]
+        if len(norms) >= 2 and norms[-1] > 100 * norms[0]:
+            ev["grad_norm_growth"] = norms[-1] / norms[0]
+            advice.append("exploding gradients: clip them (gradient_clip_val=1.0) and lower the lr")
+        advice += [f"lr too large? (lr = {_fmt(rec.lr)}): try 10x smaller, with a warmup",
+                   "clip gradients (gradient_clip_val=1.0)",
+                   "numerics: use log_softmax/cross_entropy rather than log(softmax), add eps to divisions and logs, "
+                   "prefer bf16 to fp16"]
+        if rec.nonfinite_loss_steps == 0 and bad_inputs:
+            self._add(trainer, "nonfinite_data", "error", "the training data holds NaN/inf values", ev, advice)
+        else:
+            self._add(trainer, "nonfinite_loss", "error", "the loss became NaN/inf", ev, advice)
+
+    # ------------------------------------------------------------------ report
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        h = self.history
+        if len(h) < self.min_epochs:
+            self._add(trainer, "too_short", "info", f"only {len(h)} epoch(s): too short to judge the loss trends",
+                      {"epochs": len(h), "min_epochs": self.min_epochs}, ["train longer for a diagnosis"])
+        elif not any(f.severity != "info" for f in self.findings):
+            losses = [e.train_loss for e in h if e.train_loss is not None]
+            vals = [e.val_loss for e in h if e.val_loss is not None]
+            ev: dict[str, Any] = {"train_loss_first": losses[0], "train_loss_last": losses[-1]} if losses else {}
+            if vals:
+                ev["best_val_loss"] = min(vals)
+            self._add(trainer, "healthy", "info", "no problem found", ev, ["carry on"])
+        counts = {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES}
+        for logger in trainer.loggers:
+            logger.log_metrics({"doctor/warnings": counts["warning"], "doctor/errors": counts["error"]},
+                               step=trainer.global_step)
+        if trainer.is_global_zero:
+            self._write(trainer)
+        rank_zero_info(self.report())
+
+    def report(self) -> str:
+        """The findings as Markdown."""
+        lines = ["## TrainingDoctor report", ""]
+        order = {s: i for i, s in enumerate(reversed(SEVERITIES))}
+        lines += [f.markdown() for f in sorted(self.findings, key=lambda f: order[f.severity])] or ["(nothing)"]
+        return "\n".join(lines)
+
+    def _write(self, trainer: pl.Trainer) -> None:
+        folder = self.out_dir or (trainer.log_dir if trainer.logger is not None else None) or trainer.default_root_dir
+        os.makedirs(folder, exist_ok=True)
+        md, js = os.path.join(folder, "doctor_report.md"), os.path.join(folder, "doctor_report.json")
+        with open(md, "w") as f:
+            f.write(self.report() + "\n")
+        with open(js, "w") as f:
+            json.dump({"findings": [asdict(x) for x in self.findings], "history": [asdict(e) for e in self.history]},
+                      f, indent=1, default=str)
+        self.report_paths = [md, js]
+
+    @property
+    def worst_severity(self) -> str:
+        """``"error"``, ``"warning"`` or ``"info"``."""
+        return max((f.severity for f in self.findings), key=SEVERITIES.index, default="info")
+
+
+def _metric(m: dict[str, Tensor], key: str) -> float | None:
+    v = m.get(key)
+    return None if v is None else float(v)
+
+
+def _tensors(batch: Any) -> list[Tensor]:
+    if isinstance(batch, Tensor):
+        return [batch]
+    if isinstance(batch, (list, tuple)):
+        return [t for b in batch for t in _tensors(b)]
+    if isinstance(batch, dict):
+        return [t for b in batch.values() for t in _tensors(b)]
+    return []

@@ -1,0 +1,147 @@
+"""TrainingDoctor: each diagnosis triggered by a deliberately broken training; a healthy run raises nothing."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_tricks import GradientMonitor, TrainingDoctor, TricksMixin
+from tests.conftest import TinyNet, loader, make_data, quiet_trainer
+
+
+def _run(model: pl.LightningModule, train: DataLoader, val: DataLoader | None = None, epochs: int = 6,
+         callbacks: list[pl.Callback] | None = None, **kw: Any) -> TrainingDoctor:
+    doctor = TrainingDoctor()
+    trainer = quiet_trainer(max_epochs=epochs, callbacks=[*(callbacks or []), doctor], **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, train, val)
+    return doctor
+
+
+def _codes(doctor: TrainingDoctor, severity: str | None = None) -> set[str]:
+    return {f.code for f in doctor.findings if severity is None or f.severity == severity}
+
+
+def test_healthy_run_has_nothing_above_info(tmp_path: Any) -> None:
+    doctor = _run(TinyNet(lr=0.02), loader(256, 16, shuffle=True), loader(64, 32, seed=1), epochs=8,
+                  callbacks=[GradientMonitor()], default_root_dir=tmp_path)
+    assert doctor.worst_severity == "info", doctor.report()
+    assert _codes(doctor) == {"healthy"}
+    md, js = doctor.report_paths
+    assert "no problem found" in Path(md).read_text()
+    assert json.loads(Path(js).read_text())["findings"][0]["code"] == "healthy"
+
+
+def test_lr_far_too_small() -> None:
+    doctor = _run(TinyNet(lr=1e-7), loader(128, 16), loader(32, 32, seed=1), callbacks=[GradientMonitor()],
+                  log_every_n_steps=4)
+    f = next(f for f in doctor.findings if f.code == "loss_not_falling")
+    assert f.severity == "warning" and f.evidence["relative_fall"] < 0.05
+    assert f.evidence["max_update_ratio"] < 1e-5 and "far too small" in f.advice[0]
+
+
+class SGDNet(TinyNet):
+    def __init__(self, lr: float) -> None:
+        super().__init__(lr=lr)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def test_lr_far_too_large_until_nan() -> None:
+    doctor = _run(SGDNet(lr=1e12), loader(128, 16), epochs=3, callbacks=[GradientMonitor(log_every_n_steps=1)])
+    f = next(f for f in doctor.findings if f.code == "nonfinite_loss")
+    assert f.severity == "error" and f.evidence["nonfinite_loss_steps"] > 0
+    assert any("lr too large" in a for a in f.advice)
+    assert "nonfinite_input_batches" not in f.evidence  # the data was fine
+
+
+class BigMLP(TricksMixin, pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                                 nn.Linear(512, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+def _random_labels(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 1, 16, generator=g), torch.randint(0, 4, (n,), generator=g))
+
+
+def test_big_model_on_a_tiny_training_set_overfits() -> None:
+    train = DataLoader(make_data(16, seed=0), batch_size=8)
+    val = DataLoader(_random_labels(128, seed=5), batch_size=64)
+    doctor = _run(BigMLP(), train, val, epochs=25)
+    f = next(f for f in doctor.findings if f.code == "overfitting")
+    assert f.evidence["val_loss_now"] > f.evidence["best_val_loss"]
+    assert f.evidence["train_loss_now"] < f.evidence["train_loss_at_best"]
+    assert any("regularise" in a for a in f.advice)
+
+
+def test_shuffled_labels_loss_does_not_fall() -> None:
+    doctor = _run(TinyNet(lr=0.01), DataLoader(_random_labels(512, seed=3), batch_size=32, shuffle=True),
+                  epochs=5)
+    f = next(f for f in doctor.findings if f.code == "loss_not_falling")
+    assert any("labels" in a for a in f.advice)
+
+
+def test_nan_in_the_data() -> None:
+    data = make_data(64)
+    data.tensors[0][37, 0, 3] = float("nan")  # batch 4 of 8 holds a NaN
+    doctor = _run(TinyNet(), DataLoader(data, batch_size=8), epochs=2)
+    f = next(f for f in doctor.findings if f.severity == "error")
+    assert f.evidence["nonfinite_input_batches"] == 1 and f.evidence["first_nonfinite_input_step"] == 4
+    assert "NaN/inf in the data (first at step 4)" in f.advice[0]
+
+
+class Spiky(TinyNet):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * 30.0 if batch_idx == 3 else loss  # one huge step per epoch
+
+
+def test_spiky_loss_is_unstable() -> None:
+    doctor = _run(Spiky(lr=1e-4), loader(128, 16), epochs=4)
+    f = next(f for f in doctor.findings if f.code == "unstable_loss")
+    assert f.evidence["epochs_with_spikes"] >= 2 and f.evidence["worst_spike_ratio"] > 5
+
+
+def test_demo_recipe_raises_no_false_alarm() -> None:
+    from lightning_tricks.demo.data import mnist1d
+    from lightning_tricks.demo.model import Classifier, ConvBase
+    from lightning_tricks.demo.run import recipe_callbacks
+
+    train, test = mnist1d()
+    doctor = _run(Classifier(ConvBase()), DataLoader(train, batch_size=100, shuffle=True),
+                  DataLoader(test, batch_size=1000), epochs=8, callbacks=recipe_callbacks())
+    assert doctor.worst_severity == "info", doctor.report()
+
+
+def test_too_short_to_judge() -> None:
+    doctor = _run(TinyNet(), loader(), epochs=1)
+    assert _codes(doctor) == {"too_short"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [(dict(min_epochs=0), "`min_epochs`"), (dict(flat_tolerance=1.5), "`flat_tolerance`"),
+     (dict(spike_ratio=0.5), "`spike_ratio`"), (dict(patience=0), "`patience`")],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainingDoctor(**kwargs)
