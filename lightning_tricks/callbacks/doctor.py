@@ -32,7 +32,7 @@ class Finding:
 
     def markdown(self) -> str:
         ev = ", ".join(f"{k} = {_fmt(v)}" for k, v in self.evidence.items())
-        tips = "".join(f"\n  - {a}" for a in self.advice)
+        tips = "".join(f"\n    - {a}" for a in self.advice)
         return f"- **{self.severity.upper()}** [{self.code}] {self.title} (epoch {self.epoch}, step {self.step})\n" \
                f"  - evidence: {ev}\n  - next:{tips}"
 
