@@ -106,6 +106,7 @@ def test_nan_in_the_data() -> None:
     doctor = _run(TinyNet(), DataLoader(data, batch_size=8), epochs=2)
     f = next(f for f in doctor.findings if f.severity == "error")
     assert f.evidence["nonfinite_input_batches"] == 1 and f.evidence["first_nonfinite_input_step"] == 4
+    assert f.evidence["first_nonfinite_loss_step"] == 4  # the same step
     assert "NaN/inf in the data (first at step 4)" in f.advice[0]
 
 

@@ -123,6 +123,7 @@ class TrainingDoctor(pl.Callback):
         # [loss sum, loss max, steps, non-finite loss steps, first non-finite loss step, non-finite input batches,
         #  first non-finite input step]
         self._acc = torch.zeros(7, dtype=torch.float32, device=dev)
+        self._batch_step = 0
         self._reset_acc()
 
     def _reset_acc(self) -> None:
@@ -132,6 +133,7 @@ class TrainingDoctor(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        self._batch_step = trainer.global_step  # the optimizer step this batch belongs to
         tensors = [t for t in _tensors(batch) if t.is_floating_point()]
         if tensors:
             bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
@@ -150,7 +152,7 @@ class TrainingDoctor(pl.Callback):
         self._acc[1] = torch.maximum(self._acc[1], safe)
         self._acc[2] += 1
         self._acc[3] += ~finite
-        self._acc[4] = torch.where(~finite & (self._acc[4] < 0), float(trainer.global_step), self._acc[4])
+        self._acc[4] = torch.where(~finite & (self._acc[4] < 0), float(self._batch_step), self._acc[4])
 
     # ------------------------------------------------------------------ per epoch: one host read
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
