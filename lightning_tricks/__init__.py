@@ -10,6 +10,7 @@ from lightning_tricks.callbacks import (
     WarmupCosine,
 )
 from lightning_tricks.mixin import TricksMixin
+from lightning_tricks.recipe import adamw, recipe
 
 __version__ = "0.1.0"
 __all__ = [
@@ -22,4 +23,6 @@ __all__ = [
     "TricksMixin",
     "WarmupCosine",
     "__version__",
+    "adamw",
+    "recipe",
 ]

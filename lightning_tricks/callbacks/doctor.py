@@ -48,6 +48,7 @@ class _Epoch:
     train_loss: float | None
     val_loss: float | None
     lr: float | None
+    val_metric: float | None
     step_loss_mean: float
     step_loss_max: float
     nonfinite_loss_steps: int
@@ -66,10 +67,12 @@ class TrainingDoctor(pl.Callback):
       ``flat_tolerance`` from the first epoch: lr too small (with the update/weight ratio when the monitor runs),
       data or labels wrong, output size mismatch.
     * ``overfitting`` (warning): training loss still falls while validation loss is more than
-      ``overfit_tolerance`` above its best for ``patience`` epochs: regularise; if validation never improved,
-      possible leakage or too small a validation set.
+      ``overfit_tolerance`` above its best for ``patience`` epochs, and the validation metric (``val_metric``,
+      accuracy by default) has fallen more than 1 % below its best: regularise; if validation never improved,
+      possible leakage or too small a validation set. (A validation loss that rises while accuracy holds is
+      calibration drift, which mixup and label smoothing cause on purpose: not flagged.)
     * ``unstable_loss`` (warning): steps whose loss is ``spike_ratio`` times the epoch mean, or an epoch loss
-      that rose by more than 20 % over the previous one, in two epochs or more: warmup, lower lr, clipping,
+      that rose by more than 50 % over the previous one, in two epochs or more: warmup, lower lr, clipping,
       normalisation layers.
     * ``vanishing_gradients`` / ``exploding_gradients`` (warning): flagged by :class:`GradientMonitor`.
     * ``healthy`` / ``too_short`` (info).
@@ -84,6 +87,7 @@ class TrainingDoctor(pl.Callback):
     Args:
         train_loss: the logged training loss (``<name>_epoch`` is used when it exists).
         val_loss: the logged validation loss.
+        val_metric: a logged validation metric where higher is better (accuracy), or ``None``.
         min_epochs: epochs before the loss-trend findings are judged.
         flat_tolerance: relative fall of the training loss below which it "does not fall".
         overfit_tolerance: relative rise of the validation loss above its best that counts as overfitting.
@@ -96,6 +100,7 @@ class TrainingDoctor(pl.Callback):
         self,
         train_loss: str = "train_loss",
         val_loss: str = "val_loss",
+        val_metric: str | None = "val_acc",
         min_epochs: int = 3,
         flat_tolerance: float = 0.05,
         overfit_tolerance: float = 0.1,
@@ -108,7 +113,7 @@ class TrainingDoctor(pl.Callback):
         check_number("overfit_tolerance", overfit_tolerance, low=0.0, low_open=True)
         check_number("patience", patience, low=1, integer=True)
         check_number("spike_ratio", spike_ratio, low=1.0, low_open=True)
-        self.train_loss, self.val_loss = train_loss, val_loss
+        self.train_loss, self.val_loss, self.val_metric = train_loss, val_loss, val_metric
         self.min_epochs, self.flat_tolerance = min_epochs, flat_tolerance
         self.overfit_tolerance, self.patience, self.spike_ratio = overfit_tolerance, patience, spike_ratio
         self.out_dir = out_dir
@@ -167,6 +172,7 @@ class TrainingDoctor(pl.Callback):
             train_loss=_metric(m, f"{self.train_loss}_epoch") or _metric(m, self.train_loss),
             val_loss=_metric(m, self.val_loss),
             lr=trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
+            val_metric=_metric(m, self.val_metric) if self.val_metric else None,
             step_loss_mean=acc[0] / max(acc[2], 1.0),
             step_loss_max=acc[1],
             nonfinite_loss_steps=int(acc[3]),
@@ -232,25 +238,33 @@ class TrainingDoctor(pl.Callback):
             above = [v for ep, v in vals if ep > best_epoch and v > best * (1 + self.overfit_tolerance)]
             train_at_best = next((e.train_loss for e in h if e.epoch == best_epoch), None)
             still_falling = train_at_best is not None and losses[-1] < train_at_best
-            if len(above) >= self.patience and vals[-1][1] > best * (1 + self.overfit_tolerance) and still_falling:
+            # a validation loss that rises while the validation metric (accuracy) holds is calibration drift, which
+            # mixup and label smoothing cause on purpose, not overfitting
+            metrics = [e.val_metric for e in h if e.val_metric is not None and math.isfinite(e.val_metric)]
+            metric_holds = bool(metrics) and metrics[-1] >= max(metrics) * (1 - 0.01)
+            if (len(above) >= self.patience and vals[-1][1] > best * (1 + self.overfit_tolerance) and still_falling
+                    and not metric_holds):
                 advice = ["regularise: weight decay, dropout, data augmentation, mixup or label smoothing",
                           "stop early and keep the best weights: EarlyStopping(restore_best_weights=True)",
                           "more data, or a smaller model"]
                 if best_epoch == 0:
                     advice.append("validation never improved: check for leakage or a validation set that is too "
                                   "small or from another distribution")
+                ev = {"best_val_loss": best, "best_epoch": best_epoch, "val_loss_now": vals[-1][1],
+                      "train_loss_at_best": train_at_best, "train_loss_now": losses[-1]}
+                if metrics:
+                    ev |= {f"best_{self.val_metric}": max(metrics), f"{self.val_metric}_now": metrics[-1]}
                 self._add(trainer, "overfitting", "warning", "the training loss falls but the validation loss does not",
-                          {"best_val_loss": best, "best_epoch": best_epoch, "val_loss_now": vals[-1][1],
-                           "train_loss_at_best": train_at_best, "train_loss_now": losses[-1]}, advice)
+                          ev, advice)
         # 4. unstable or spiky loss
         spiky = [e.epoch for e in h[1:]
                  if e.step_loss_mean > 0 and e.step_loss_max > self.spike_ratio * e.step_loss_mean]
         rises = [h[i].epoch for i in range(max(1, len(h) - 6), len(h))
                  if h[i].train_loss is not None and h[i - 1].train_loss is not None
-                 and h[i].train_loss > 1.2 * h[i - 1].train_loss]
+                 and h[i].train_loss > 1.5 * h[i - 1].train_loss]
         if len(spiky) >= 2 or len(rises) >= 2:
             self._add(trainer, "unstable_loss", "warning", "the training loss is unstable or spiky",
-                      {"epochs_with_spikes": len(spiky), "epoch_loss_rises_over_20pct": len(rises),
+                      {"epochs_with_spikes": len(spiky), "epoch_loss_rises_over_50pct": len(rises),
                        "worst_spike_ratio": max((e.step_loss_max / e.step_loss_mean for e in h if e.step_loss_mean > 0),
                                                 default=0.0), "lr": rec.lr},
                       ["add or lengthen the lr warmup (WarmupCosine)", "lower the lr",

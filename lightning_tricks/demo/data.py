@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 
 def mnist1d(seed: int = 42) -> tuple[TensorDataset, TensorDataset]:
@@ -36,3 +37,29 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> tuple[TensorDataset, T
     n_test = int(len(y) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
+
+
+class MNIST1DDataModule(pl.LightningDataModule):
+    """MNIST-1D as a LightningDataModule (for ``LightningCLI``): train on the 4000 training sequences, validate and
+    test on the 1000 test sequences, as the paper reports."""
+
+    def __init__(self, batch_size: int = 100, seed: int = 42) -> None:
+        super().__init__()
+        self.batch_size, self.seed = batch_size, seed
+        self.train: TensorDataset | None = None
+        self.test: TensorDataset | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.train is None:
+            self.train, self.test = mnist1d(self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train is not None
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.test is not None
+        return DataLoader(self.test, batch_size=1000)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -44,3 +44,12 @@ class Classifier(TricksMixin, pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+class ConvBaseClassifier(Classifier):
+    """:class:`Classifier` around a :class:`ConvBase` of ``channels`` channels: all its hyperparameters are plain
+    values, so ``load_from_checkpoint`` rebuilds it from a checkpoint alone (e.g. as a distillation teacher)."""
+
+    def __init__(self, channels: int = 25, lr: float = 1e-2, weight_decay: float = 0.01) -> None:
+        super().__init__(ConvBase(channels=channels), lr=lr, weight_decay=weight_decay)
+        self.save_hyperparameters()

@@ -1,0 +1,91 @@
+"""The guide's recipe in one line: the callbacks of its summary table, and its optimizer."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lightning_tricks.callbacks import (
+    EarlyStopping,
+    GradientMonitor,
+    LabelSmoothing,
+    Mixup,
+    TrainingDoctor,
+    WarmupCosine,
+)
+from lightning_tricks.functional._checks import check_number
+
+
+def recipe(
+    *,
+    warmup: float | int = 0.1,
+    min_lr_ratio: float = 0.0,
+    label_smoothing: float = 0.1,
+    mixup: float | None = 0.2,
+    cutmix: float = 0.0,
+    monitor: bool = True,
+    early_stopping: str | None = "val_loss",
+    patience: int = 10,
+    mode: str = "min",
+    restore_best_weights: bool = True,
+    doctor: bool = True,
+) -> list[pl.Callback]:
+    """The callbacks of the guide's summary table, configured from a few arguments.
+
+    Args:
+        warmup: :class:`WarmupCosine` warmup (fraction of the run, the guide's 0.1, or steps).
+        min_lr_ratio: final lr of the cosine as a fraction of the base lr.
+        label_smoothing: :class:`LabelSmoothing` epsilon (0 leaves it out).
+        mixup: :class:`Mixup` alpha, or ``None``/0 to leave MixUp out.
+        cutmix: CutMix alpha (0 leaves CutMix out; with ``mixup`` they alternate).
+        monitor: add :class:`GradientMonitor` (stops cleanly on non-finite gradients).
+        early_stopping: the metric for :class:`EarlyStopping`, or ``None`` to leave it out.
+        patience: early-stopping patience in checks (the guide: 7-10).
+        mode: ``"min"`` or ``"max"`` for the early-stopping metric.
+        restore_best_weights: end the fit on the best check's weights.
+        doctor: add :class:`TrainingDoctor`.
+
+    Example (a plain module to the full recipe in two lines)::
+
+        class Net(TricksMixin, L.LightningModule): ...          # 1. the mixin
+        trainer = L.Trainer(callbacks=recipe())                 # 2. the callbacks
+        # and in configure_optimizers: return adamw(self, lr=1e-3)
+    """
+    callbacks: list[pl.Callback] = [WarmupCosine(warmup=warmup, min_lr_ratio=min_lr_ratio)]
+    if label_smoothing:
+        callbacks.append(LabelSmoothing(label_smoothing))
+    if mixup or cutmix:
+        callbacks.append(Mixup(alpha=float(mixup or 0.0), cutmix_alpha=cutmix))
+    if monitor:
+        callbacks.append(GradientMonitor(on_nonfinite="stop"))
+    if early_stopping:
+        callbacks.append(EarlyStopping(early_stopping, patience=patience, mode=mode,
+                                       restore_best_weights=restore_best_weights))
+    if doctor:
+        callbacks.append(TrainingDoctor())
+    return callbacks
+
+
+def adamw(
+    module: nn.Module,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    exclude_bias_and_norm: bool = True,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.AdamW:
+    """The guide's optimizer: AdamW, weight decay 0.01, with biases and normalisation weights not decayed.
+
+    Parameters with fewer than 2 dimensions (biases, BatchNorm/LayerNorm scales and shifts) go in a group with
+    ``weight_decay=0`` when ``exclude_bias_and_norm`` (as timm, Hugging Face and fastai do): decaying them only
+    fights the normalisation. Frozen parameters are left out.
+    """
+    check_number("lr", lr, low=0.0, low_open=True)
+    check_number("weight_decay", weight_decay, low=0.0)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not exclude_bias_and_norm:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
