@@ -1,0 +1,142 @@
+"""Ablation on MNIST-1D (the paper's ConvBase) or scikit-learn's digits (a small 2-D CNN): the baseline, each trick
+alone, and the full recipe, over seeds, with paired deltas against the baseline.
+
+Writes its table (with the command and the machine) into docs/results.md between markers, and a PNG into docs/img.
+
+Usage::
+
+    python benchmarks/mnist1d_ablation.py                              # MNIST-1D, 100 epochs, seeds 0 1 2
+    python benchmarks/mnist1d_ablation.py --dataset digits --epochs 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_tricks import LabelSmoothing, Mixup, WarmupCosine
+from lightning_tricks.demo.data import digits, mnist1d
+from lightning_tricks.demo.model import Classifier, ConvBase
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def small_cnn() -> nn.Module:
+    """A small 2-D CNN for the 8x8 digits (about 11k parameters)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+    )
+
+
+def configs(dataset: str) -> dict[str, list]:
+    out = {
+        "baseline": [],
+        "warmup_cosine": [WarmupCosine(0.1)],
+        "label_smoothing": [LabelSmoothing(0.1)],
+        "mixup": [Mixup(alpha=0.2)],
+    }
+    if dataset == "digits":
+        out["cutmix"] = [Mixup(alpha=0.0, cutmix_alpha=1.0)]
+        out["recipe"] = [WarmupCosine(0.1), LabelSmoothing(0.1), Mixup(alpha=0.2, cutmix_alpha=1.0)]
+    else:
+        out["recipe"] = [WarmupCosine(0.1), LabelSmoothing(0.1), Mixup(alpha=0.2)]
+    return out
+
+
+def run(dataset: str, name: str, seed: int, epochs: int, data: tuple) -> float:
+    pl.seed_everything(seed, verbose=False)
+    train, test = data
+    net = ConvBase() if dataset == "mnist1d" else small_cnn()
+    model = Classifier(net, lr=1e-2 if dataset == "mnist1d" else 3e-3, weight_decay=0.01)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=configs(dataset)[name], deterministic=True)
+    batch = 100 if dataset == "mnist1d" else 64
+    trainer.fit(model, DataLoader(train, batch_size=batch, shuffle=True), DataLoader(test, batch_size=1000))
+    return float(trainer.callback_metrics["val_acc"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", choices=("mnist1d", "digits"), default="mnist1d")
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--no-write", action="store_true", help="print only; do not touch docs/")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    data = mnist1d() if args.dataset == "mnist1d" else digits()
+    names = list(configs(args.dataset))
+    start = time.perf_counter()
+    acc: dict[str, list[float]] = {n: [] for n in names}
+    for seed in args.seeds:
+        for n in names:
+            acc[n].append(run(args.dataset, n, seed, args.epochs, data))
+            print(f"seed {seed} {n:<16} {100 * acc[n][-1]:.1f} %", flush=True)
+    wall = time.perf_counter() - start
+
+    def ms(v: list[float]) -> str:
+        return f"{100 * statistics.fmean(v):.1f} ± {100 * (statistics.stdev(v) if len(v) > 1 else 0.0):.1f}"
+
+    base = acc["baseline"]
+    lines = [
+        f"Command: `python benchmarks/mnist1d_ablation.py --dataset {args.dataset} --epochs {args.epochs} --seeds "
+        f"{' '.join(map(str, args.seeds))}`. Machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, Lightning {pl.__version__}; {wall:.0f} s. Final test accuracy (%).",
+        "",
+        "| config | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean ± sd | paired delta vs baseline |",
+        "|---|" + "---|" * len(args.seeds) + "---|---|",
+    ]
+    for n in names:
+        deltas = [a - b for a, b in zip(acc[n], base)]
+        d = "-" if n == "baseline" else (
+            f"{100 * statistics.fmean(deltas):+.1f} (" + ", ".join(f"{100 * x:+.1f}" for x in deltas) + ")")
+        lines.append(f"| {n} | " + " | ".join(f"{100 * a:.1f}" for a in acc[n]) + f" | {ms(acc[n])} | {d} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i, n in enumerate(names):
+        ax.bar(i, 100 * statistics.fmean(acc[n]), color="tab:orange" if n == "recipe" else "tab:blue", alpha=0.6)
+        ax.scatter([i] * len(acc[n]), [100 * a for a in acc[n]], color="k", s=12, zorder=3)
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    low = min(min(v) for v in acc.values())
+    ax.set_ylim(100 * low - 2, 100)
+    ax.set(ylabel="test accuracy %", title=f"Ablation, {args.dataset}, {args.epochs} epochs (dots: seeds)")
+    fig.tight_layout()
+    if not args.no_write:
+        png = DOCS / "img" / f"ablation_{args.dataset}.png"
+        fig.savefig(png, dpi=110)
+        results = DOCS / "results.md"
+        text = results.read_text()
+        start_mark, end_mark = f"<!-- ablation:{args.dataset} -->", f"<!-- /ablation:{args.dataset} -->"
+        block = f"{start_mark}\n{table}\n\n![ablation {args.dataset}](img/ablation_{args.dataset}.png)\n{end_mark}"
+        if start_mark in text:
+            text = re.sub(re.escape(start_mark) + r".*?" + re.escape(end_mark), lambda _: block, text, flags=re.S)
+        else:
+            text += f"\n## Ablation: {args.dataset}\n\n{block}\n"
+        results.write_text(text)
+        print(f"wrote {results} and {png}")
+
+
+if __name__ == "__main__":
+    main()
