@@ -9,7 +9,7 @@ Configurations (each a fresh Trainer, run interleaved over repeats so that machi
 * ``mixup``: :class:`LabelSmoothing` (0.1) + :class:`Mixup` (alpha 0.2);
 * ``timm_mixup``: ``timm.data.Mixup(mixup_alpha=0.2, label_smoothing=0.1)`` + ``SoftTargetCrossEntropy`` in the
   training step (the usual way to use it);
-* ``all``: WarmupCosine + LabelSmoothing + Mixup + GradientMonitor together.
+* ``all``: WarmupCosine + LabelSmoothing + Mixup + GradientMonitor + EarlyStopping + TrainingDoctor together.
 
 Step time = time between consecutive ``on_train_batch_end`` calls (so data transfer and the batch seam are inside),
 with a device synchronize at each end on a GPU; the median over non-logging steps after warm-up is reported, and
@@ -41,7 +41,15 @@ from lightning.pytorch.utilities import grad_norm
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_tricks import GradientMonitor, LabelSmoothing, Mixup, TricksMixin, WarmupCosine
+from lightning_tricks import (
+    EarlyStopping,
+    GradientMonitor,
+    LabelSmoothing,
+    Mixup,
+    TrainingDoctor,
+    TricksMixin,
+    WarmupCosine,
+)
 from lightning_tricks.demo.model import ConvBase
 
 CONFIGS = ("plain", "grad_norm", "monitor", "mixup", "timm_mixup", "all")
@@ -153,7 +161,8 @@ def callbacks_for(config: str) -> list[pl.Callback]:
     if config == "mixup":
         return [LabelSmoothing(0.1), Mixup(alpha=0.2)]
     if config == "all":
-        return [WarmupCosine(warmup=0.1), LabelSmoothing(0.1), Mixup(alpha=0.2), GradientMonitor()]
+        return [WarmupCosine(warmup=0.1), LabelSmoothing(0.1), Mixup(alpha=0.2), GradientMonitor(),
+                EarlyStopping("train_loss_epoch", strict=False), TrainingDoctor()]
     return []
 
 
