@@ -67,10 +67,11 @@ class TrainingDoctor(pl.Callback):
       ``flat_tolerance`` from the first epoch: lr too small (with the update/weight ratio when the monitor runs),
       data or labels wrong, output size mismatch.
     * ``overfitting`` (warning): training loss still falls while validation loss is more than
-      ``overfit_tolerance`` above its best for ``patience`` epochs, and the validation metric (``val_metric``,
-      accuracy by default) has fallen more than 1 % below its best: regularise; if validation never improved,
-      possible leakage or too small a validation set. (A validation loss that rises while accuracy holds is
-      calibration drift, which mixup and label smoothing cause on purpose: not flagged.)
+      ``overfit_tolerance`` (20 %) above its best in each of the last ``patience`` (3) epochs, and the
+      validation metric (``val_metric``, accuracy by default) stayed more than 1 % below its best in those
+      epochs: regularise; if validation never improved, possible leakage or too small a validation set. (A
+      validation loss that rises while accuracy holds is calibration drift, which mixup and label smoothing
+      cause on purpose: not flagged.)
     * ``unstable_loss`` (warning): steps whose loss is ``spike_ratio`` times the epoch mean, or an epoch loss
       that rose by more than 50 % over the previous one, in two epochs or more: warmup, lower lr, clipping,
       normalisation layers.
@@ -103,8 +104,8 @@ class TrainingDoctor(pl.Callback):
         val_metric: str | None = "val_acc",
         min_epochs: int = 3,
         flat_tolerance: float = 0.05,
-        overfit_tolerance: float = 0.1,
-        patience: int = 2,
+        overfit_tolerance: float = 0.2,
+        patience: int = 3,
         spike_ratio: float = 5.0,
         out_dir: str | None = None,
     ) -> None:
@@ -235,15 +236,17 @@ class TrainingDoctor(pl.Callback):
         vals = [(e.epoch, e.val_loss) for e in h if e.val_loss is not None and math.isfinite(e.val_loss)]
         if len(vals) >= self.min_epochs and len(losses) >= 2:
             best_epoch, best = min(vals, key=lambda t: t[1])
-            above = [v for ep, v in vals if ep > best_epoch and v > best * (1 + self.overfit_tolerance)]
+            last = vals[-self.patience:]
+            # persistently worse: each of the last `patience` epochs, all after the best one, is above the tolerance
+            persistent = len(last) == self.patience and all(
+                ep > best_epoch and v > best * (1 + self.overfit_tolerance) for ep, v in last)
             train_at_best = next((e.train_loss for e in h if e.epoch == best_epoch), None)
             still_falling = train_at_best is not None and losses[-1] < train_at_best
             # a validation loss that rises while the validation metric (accuracy) holds is calibration drift, which
-            # mixup and label smoothing cause on purpose, not overfitting
+            # mixup and label smoothing cause on purpose, not overfitting: the metric must be down too
             metrics = [e.val_metric for e in h if e.val_metric is not None and math.isfinite(e.val_metric)]
-            metric_holds = bool(metrics) and metrics[-1] >= max(metrics) * (1 - 0.01)
-            if (len(above) >= self.patience and vals[-1][1] > best * (1 + self.overfit_tolerance) and still_falling
-                    and not metric_holds):
+            metric_down = not metrics or all(m < max(metrics) * (1 - 0.01) for m in metrics[-self.patience:])
+            if persistent and still_falling and metric_down:
                 advice = ["regularise: weight decay, dropout, data augmentation, mixup or label smoothing",
                           "stop early and keep the best weights: EarlyStopping(restore_best_weights=True)",
                           "more data, or a smaller model"]
