@@ -28,6 +28,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -190,6 +191,7 @@ def run_one(w: dict[str, Any], config: str, device: str, steps: int, precision: 
     trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
                          max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=log_every,
+                         default_root_dir=tempfile.mkdtemp(prefix="lt-bench-"),
                          callbacks=[*callbacks_for(config), timer])
     trainer.fit(model, DataLoader(Batches(x, y, steps), batch_size=None))
     return timer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from typing import Any
 
@@ -58,6 +59,7 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        default_root_dir=tempfile.mkdtemp(prefix="lt-test-"),  # reports and checkpoints never land in the checkout
     )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)

@@ -20,6 +20,7 @@ def test_demo_fast_writes_table_plots_and_figures(tmp_path: Path) -> None:
     assert {r["config"] for r in results} == {"baseline", "recipe", "distilled"}
     assert "teacher test accuracy" in proc.stdout
     assert "TrainingDoctor report" in proc.stdout  # the demo prints the doctor's report
+    assert (out / "recipe_seed0" / "doctor_report.md").exists()  # and writes it next to the run
     recipe = next(r for r in results if r["config"] == "recipe")
     baseline = next(r for r in results if r["config"] == "baseline")
     assert len(recipe["lr"]) == 10  # 2 epochs x 5 batches: one lr per optimizer step

@@ -123,17 +123,19 @@ def test_clipping_reports_post_clip_norm_and_fraction() -> None:
 
 class HostReadCounter(pl.Callback):
     """Counts Tensor.item/tolist/__bool__/cpu/numpy calls made by lightning_tricks code (directly or through
-    the functions it calls) during non-logging training steps. Calls from other code (torch's optimizers read
+    the functions it calls) between the ends of two consecutive training batches: the data transfer and the batch
+    seam, every hook and the optimizer step. Put it last in the callbacks. Windows that hold a logging step or an
+    epoch boundary (where host reads are allowed) are not recorded. Calls from other code (torch's optimizers read
     their CPU step counters with .item()) are the same with or without the tricks and are not counted."""
 
     NAMES = ("item", "tolist", "__bool__", "cpu", "numpy")
 
-    def __init__(self, every: int) -> None:
-        self.every, self.counts, self._orig = every, [], {}
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self._orig: dict[str, Any] = {}
+        self.n = 0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if (trainer.global_step + 1) % self.every == 0:
-            return  # a logging step: reads are allowed there
+    def _install(self) -> None:
         self.n = 0
         for name in self.NAMES:
             orig = getattr(torch.Tensor, name)
@@ -147,24 +149,34 @@ class HostReadCounter(pl.Callback):
 
             setattr(torch.Tensor, name, counted)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+    def _uninstall(self) -> None:
+        for name, orig in self._orig.items():
+            setattr(torch.Tensor, name, orig)
+        self._orig = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         if self._orig:
-            for name, orig in self._orig.items():
-                setattr(torch.Tensor, name, orig)
-            self._orig = {}
-            self.counts.append(self.n)
+            self._uninstall()
+            logging_step = trainer.global_step % trainer.log_every_n_steps == 0
+            if not logging_step and batch_idx != 0:
+                self.counts.append(self.n)
+        self._install()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._uninstall()
 
 
 def test_no_host_read_between_logging_steps() -> None:
-    from lightning_tricks import LabelSmoothing, Mixup, WarmupCosine
+    from lightning_tricks import EarlyStopping, LabelSmoothing, Mixup, TrainingDoctor, WarmupCosine
 
-    counter = HostReadCounter(every=5)
-    # the counter wraps everything between its start and end hooks: put it first so it starts before the others
-    trainer = quiet_trainer(max_steps=20, log_every_n_steps=5, gradient_clip_val=1.0,
-                            callbacks=[counter, WarmupCosine(), GradientMonitor(), Mixup(), LabelSmoothing()])
-    trainer.fit(TinyNet(), loader(64, 8))
-    assert len(counter.counts) == 16
-    assert counter.counts == [0] * 16
+    counter = HostReadCounter()
+    trainer = quiet_trainer(max_steps=30, log_every_n_steps=5, gradient_clip_val=1.0, limit_val_batches=1,
+                            callbacks=[WarmupCosine(), GradientMonitor(), Mixup(), LabelSmoothing(), TrainingDoctor(),
+                                       EarlyStopping("val_loss"), counter])
+    trainer.fit(TinyNet(), loader(80, 8), loader(16, 8))
+    assert len(counter.counts) >= 18  # 30 steps, minus 6 logging steps and 2 epoch boundaries
+    assert counter.counts == [0] * len(counter.counts)
 
 
 class NaNAt(TinyNet):

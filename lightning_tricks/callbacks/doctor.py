@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -82,8 +83,8 @@ class TrainingDoctor(pl.Callback):
     (``doctor/warnings``, ``doctor/errors``) and is written as ``doctor_report.md`` and ``doctor_report.json``
     next to the logs (the logger's ``log_dir``, else ``default_root_dir``; or ``out_dir``).
 
-    Cost: a few kernels per step on the device (loss sum/max, a finite check of the inputs); the host reads
-    them once per epoch.
+    Cost: four small kernels per step on the device (a finite check of the inputs and two copies into a
+    per-epoch buffer); the host reads the buffer once per epoch.
 
     Args:
         train_loss: the logged training loss (``<name>_epoch`` is used when it exists).
@@ -125,47 +126,49 @@ class TrainingDoctor(pl.Callback):
     # ------------------------------------------------------------------ per step: device only
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.findings, self.history, self.report_paths = [], [], []
-        dev = pl_module.device
-        # [loss sum, loss max, steps, non-finite loss steps, first non-finite loss step, non-finite input batches,
-        #  first non-finite input step]
-        self._acc = torch.zeros(7, dtype=torch.float32, device=dev)
-        self._batch_step = 0
-        self._reset_acc()
-
-    def _reset_acc(self) -> None:
-        self._acc.zero_()
-        self._acc[4] = -1.0
-        self._acc[6] = -1.0
+        batches = trainer.num_training_batches
+        capacity = int(batches) if isinstance(batches, int) or math.isfinite(batches) else 1024
+        # One row per training batch of the epoch: [step loss, inputs finite (1/0), optimizer step]; the host reads
+        # the rows once per epoch (or when the buffer is full).
+        self._rows = torch.zeros(max(capacity, 1), 3, dtype=torch.float32, device=pl_module.device)
+        self._n = 0
+        self._epoch_stats: list[np.ndarray] = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._batch_step = trainer.global_step  # the optimizer step this batch belongs to
+        if self._n == len(self._rows):
+            self._flush()
+        row = self._rows[self._n]
+        row[2] = trainer.global_step  # a host int: no read of the device
         tensors = [t for t in _tensors(batch) if t.is_floating_point()]
-        if tensors:
-            bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
-            self._acc[5] += bad
-            self._acc[6] = torch.where(bad & (self._acc[6] < 0), float(trainer.global_step), self._acc[6])
+        if len(tensors) == 1:
+            row[1].copy_(torch.isfinite(tensors[0]).all())
+        elif tensors:
+            row[1].copy_(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        else:
+            row[1] = 1.0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if not isinstance(loss, Tensor):
-            return
-        loss = loss.detach().float().reshape(())
-        finite = torch.isfinite(loss)
-        safe = torch.where(finite, loss, 0.0)
-        self._acc[0] += safe
-        self._acc[1] = torch.maximum(self._acc[1], safe)
-        self._acc[2] += 1
-        self._acc[3] += ~finite
-        self._acc[4] = torch.where(~finite & (self._acc[4] < 0), float(self._batch_step), self._acc[4])
+        if isinstance(loss, Tensor) and self._n < len(self._rows):
+            self._rows[self._n, 0].copy_(loss.detach().reshape(()))
+            self._n += 1
+
+    def _flush(self) -> None:
+        if self._n:
+            self._epoch_stats.append(np.asarray(self._rows[: self._n].tolist(), dtype=np.float64))
+        self._n = 0
 
     # ------------------------------------------------------------------ per epoch: one host read
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        acc = self._acc.tolist()
-        self._reset_acc()
+        self._flush()
+        rows = np.concatenate(self._epoch_stats) if self._epoch_stats else np.zeros((0, 3))
+        self._epoch_stats = []
+        losses, finite_in, steps = rows[:, 0], rows[:, 1] > 0.5, rows[:, 2].astype(int)
+        ok = np.isfinite(losses)
         m = trainer.callback_metrics
         rec = _Epoch(
             epoch=trainer.current_epoch,
@@ -174,13 +177,16 @@ class TrainingDoctor(pl.Callback):
             val_loss=_metric(m, self.val_loss),
             lr=trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None,
             val_metric=_metric(m, self.val_metric) if self.val_metric else None,
-            step_loss_mean=acc[0] / max(acc[2], 1.0),
-            step_loss_max=acc[1],
-            nonfinite_loss_steps=int(acc[3]),
+            step_loss_mean=float(losses[ok].mean()) if ok.any() else float("nan"),
+            step_loss_max=float(losses[ok].max()) if ok.any() else float("nan"),
+            nonfinite_loss_steps=int((~ok).sum()),
             grad={k: float(v) for k, v in m.items() if k.startswith(("grad/", "amp/"))},
         )
         self.history.append(rec)
-        self._diagnose(trainer, rec, first_bad_loss=int(acc[4]), bad_inputs=int(acc[5]), first_bad_input=int(acc[6]))
+        first_bad_loss = int(steps[~ok][0]) if (~ok).any() else -1
+        first_bad_input = int(steps[~finite_in][0]) if (~finite_in).any() else -1
+        self._diagnose(trainer, rec, first_bad_loss=first_bad_loss, bad_inputs=int((~finite_in).sum()),
+                       first_bad_input=first_bad_input)
 
     # ------------------------------------------------------------------ the diagnosis table
     def _add(self, trainer: pl.Trainer, code: str, severity: str, title: str, evidence: dict[str, Any],

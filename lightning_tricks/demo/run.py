@@ -101,6 +101,7 @@ def train_one(config: str, seed: int, args: argparse.Namespace, data: tuple[Any,
         limit_train_batches=5 if args.fast else None,
         num_sanity_val_steps=0,
         deterministic=True,
+        default_root_dir=str(args.out / f"{config}_seed{seed}"),  # the doctor's reports land in --out
     )
     start = time.perf_counter()
     trainer.fit(
