@@ -29,6 +29,7 @@ def recipe(
     patience: int = 10,
     mode: str = "min",
     restore_best_weights: bool = True,
+    start_from_epoch: int = 0,
     doctor: bool = True,
 ) -> list[pl.Callback]:
     """The callbacks of the guide's summary table, configured from a few arguments.
@@ -44,6 +45,7 @@ def recipe(
         patience: early-stopping patience in checks (the guide: 7-10).
         mode: ``"min"`` or ``"max"`` for the early-stopping metric.
         restore_best_weights: end the fit on the best check's weights.
+        start_from_epoch: early-stopping checks before this epoch do not count.
         doctor: add :class:`TrainingDoctor`.
 
     Example (a plain module to the full recipe in two lines)::
@@ -61,7 +63,7 @@ def recipe(
         callbacks.append(GradientMonitor(on_nonfinite="stop"))
     if early_stopping:
         callbacks.append(EarlyStopping(early_stopping, patience=patience, mode=mode,
-                                       restore_best_weights=restore_best_weights))
+                                       restore_best_weights=restore_best_weights, start_from_epoch=start_from_epoch))
     if doctor:
         callbacks.append(TrainingDoctor())
     return callbacks

@@ -22,17 +22,10 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader
 
-from lightning_tricks.callbacks import (
-    Distillation,
-    EarlyStopping,
-    GradientMonitor,
-    LabelSmoothing,
-    Mixup,
-    TrainingDoctor,
-    WarmupCosine,
-)
+from lightning_tricks.callbacks import Distillation, EarlyStopping, TrainingDoctor
 from lightning_tricks.demo.data import mnist1d
 from lightning_tricks.demo.model import Classifier, ConvBase
+from lightning_tricks.recipe import recipe
 
 CONFIGS = ("baseline", "recipe", "distilled")
 
@@ -68,14 +61,8 @@ def recipe_callbacks() -> list[pl.Callback]:
     restoring the weights that scored best on it would inflate the test accuracy. With your own validation split,
     use ``restore_best_weights=True``.
     """
-    return [
-        WarmupCosine(warmup=0.1),
-        LabelSmoothing(0.1),
-        Mixup(alpha=0.2),
-        GradientMonitor(on_nonfinite="stop"),
-        EarlyStopping("val_acc", mode="max", patience=40, start_from_epoch=10),
-        TrainingDoctor(),
-    ]
+    return recipe(warmup=0.1, label_smoothing=0.1, mixup=0.2, early_stopping="val_acc", mode="max", patience=40,
+                  start_from_epoch=10, restore_best_weights=False)
 
 
 def train_one(config: str, seed: int, args: argparse.Namespace, data: tuple[Any, Any],
