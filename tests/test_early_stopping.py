@@ -71,6 +71,11 @@ def test_restore_best_weights_when_it_stops() -> None:
     assert not torch.equal(next(model.parameters()), model.weights_at[4][0])
     assert all(v.device.type == "cpu" for v in cb.best_weights.values())  # kept on the host
     assert "Best score" in cb.summary and "epoch 2" in cb.summary and "restored" in cb.summary
+    # nothing trained is lost: a checkpoint holding the best weights, named in the message
+    assert cb.checkpoint_path in cb.summary
+    state = torch.load(cb.checkpoint_path, weights_only=False)["state_dict"]
+    for (name, _), q in zip(model.named_parameters(), model.weights_at[2]):
+        assert torch.equal(state[name], q)
 
 
 def test_restore_best_weights_at_the_end_of_fit() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,6 +30,9 @@ class EarlyStopping(_LightningEarlyStopping):
         start_from_epoch: no check counts before this epoch (0-based): neither patience nor the best score.
         baseline: the metric must beat this value (by ``min_delta``) to reset the patience: stop if it does not
             within ``patience`` checks. The best weights are still tracked below the baseline (as Keras does).
+        checkpoint_on_stop: when it stops training, write a checkpoint (after restoring the best weights, if asked)
+            as ``early_stopping-epoch=<E>.ckpt`` in the logger's ``log_dir`` (else ``default_root_dir``), so that
+            nothing trained is lost even without a ``ModelCheckpoint``; its path is in ``checkpoint_path``.
 
     Whenever it stops it says why, with the best score and its epoch (``rank_zero_info``; also in
     ``stopping_reason_message`` and ``summary``).
@@ -54,6 +58,7 @@ class EarlyStopping(_LightningEarlyStopping):
         restore_best_weights: bool = False,
         start_from_epoch: int = 0,
         baseline: float | None = None,
+        checkpoint_on_stop: bool = True,
     ) -> None:
         super().__init__(
             monitor=monitor,
@@ -72,6 +77,8 @@ class EarlyStopping(_LightningEarlyStopping):
         if baseline is not None:
             check_number("baseline", baseline)
         self.restore_best_weights = restore_best_weights
+        self.checkpoint_on_stop = checkpoint_on_stop
+        self.checkpoint_path: str | None = None
         self.start_from_epoch = start_from_epoch
         self.baseline = None if baseline is None else float(baseline)
         self.best_epoch: int | None = None
@@ -123,13 +130,20 @@ class EarlyStopping(_LightningEarlyStopping):
     def _on_stop(self, trainer: pl.Trainer) -> None:
         best = float(self.best_score)
         where = f" at epoch {self.best_epoch}" if self.best_epoch is not None else ""
+        self._restore(trainer)
+        saved = ""
+        if self.checkpoint_on_stop:
+            folder = (trainer.log_dir if trainer.logger is not None else None) or trainer.default_root_dir
+            self.checkpoint_path = os.path.join(folder, f"early_stopping-epoch={trainer.current_epoch}.ckpt")
+            trainer.save_checkpoint(self.checkpoint_path)  # every rank calls it: the stop decision is reduced
+            saved = f" Checkpoint: {self.checkpoint_path}."
         self.summary = (
             f"EarlyStopping stopped training at epoch {trainer.current_epoch}: {self.stopping_reason_message} "
             f"Best {self.monitor} = {best:.4g}{where}."
             + (" The best weights are restored." if self.restore_best_weights and self.best_weights else "")
+            + saved
         )
         rank_zero_info(self.summary)
-        self._restore(trainer)
 
     def _restore(self, trainer: pl.Trainer) -> None:
         if not self.restore_best_weights or self.best_weights is None:
