@@ -130,14 +130,14 @@ class Mixup(TrickCallback):
         self._pending = None
         if self.stop_epoch is not None and trainer.current_epoch >= self.stop_epoch:
             return x
-        if self.mode == "batch" and not x.is_floating_point() and not self.cutmix_alpha:
-            raise TypeError(f"MixUp needs floating-point inputs, got {x.dtype}.")
+        if self.alpha > 0 and not x.is_floating_point():
+            raise TypeError(f"MixUp blends inputs and needs floating-point ones, got {x.dtype}.")
         d = self._draw(self._rng(trainer), x.shape[0], tuple(x.shape[2:]))
+        if self.mode == "batch" and d["keep"]:
+            return x
         device = x.device
         index = _to_device(torch.from_numpy(d["index"]), device)
         if self.mode == "batch":
-            if d["keep"]:
-                return x
             if d["use_cut"]:
                 box = d["box"]
                 mixed = torch.where(box_mask(x, box), x[index], x)
