@@ -284,3 +284,10 @@ def test_user_training_step_still_gets_the_tricks() -> None:
     x, y = next(iter(loader()))
     ref = F.cross_entropy(model.lin(x.flatten(1)), y, label_smoothing=0.5).item()
     assert model.losses[0] == pytest.approx(ref, abs=1e-6)
+
+
+def test_mixup_refuses_integer_inputs() -> None:
+    data = DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 255, (8, 1, 16)), torch.zeros(8).long()),
+                      batch_size=4)
+    with pytest.raises(TypeError, match="MixUp blends inputs and needs floating-point ones, got torch.int64"):
+        quiet_trainer(max_steps=1, callbacks=[Mixup(alpha=1.0)]).fit(TinyNet(), data)
