@@ -289,5 +289,5 @@ def test_user_training_step_still_gets_the_tricks() -> None:
 def test_mixup_refuses_integer_inputs() -> None:
     data = DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 255, (8, 1, 16)), torch.zeros(8).long()),
                       batch_size=4)
-    with pytest.raises(TypeError, match="MixUp blends inputs and needs floating-point ones, got torch.int64"):
+    with pytest.raises(TypeError, match=r"MixUp blends inputs and needs floating-point ones, got torch\.int64"):
         quiet_trainer(max_steps=1, callbacks=[Mixup(alpha=1.0)]).fit(TinyNet(), data)

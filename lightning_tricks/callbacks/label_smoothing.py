@@ -8,7 +8,7 @@ from torch import Tensor
 
 from lightning_tricks.callbacks._base import TrickCallback
 from lightning_tricks.functional._checks import check_choice, check_number
-from lightning_tricks.functional.targets import CONVENTIONS, smooth_targets
+from lightning_tricks.functional.targets import CONVENTIONS, smooth_soft
 
 if TYPE_CHECKING:
     from lightning_tricks.mixin import TricksMixin
@@ -39,4 +39,6 @@ class LabelSmoothing(TrickCallback):
         self.convention = convention
 
     def tricks_transform_target(self, pl_module: TricksMixin, soft_target: Tensor) -> Tensor:
-        return smooth_targets(soft_target, soft_target.shape[-1], self.smoothing, self.convention)
+        if self.convention == "others" and soft_target.shape[-1] < 2:
+            raise ValueError("the 'others' convention needs at least 2 classes.")
+        return smooth_soft(soft_target, self.smoothing, self.convention)  # arguments checked at construction

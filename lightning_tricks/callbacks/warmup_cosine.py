@@ -74,6 +74,7 @@ class WarmupCosine(pl.Callback):
         self.base_lrs: list[list[float]] | None = None
         self.planned_total: int | None = None
         self.warmup_steps: int | None = None
+        self._factor, self._factor_step = 1.0, -1
 
     # ------------------------------------------------------------------ checks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -142,6 +143,7 @@ class WarmupCosine(pl.Callback):
                 f"`warmup` ({self.warmup!r} -> {warmup} steps) must be shorter than the run ({total} optimizer steps)."
             )
         self.planned_total, self.warmup_steps = total, int(warmup)
+        self._factor_step = -1
 
     # ------------------------------------------------------------------ the schedule
     def lr_factor(self, step: int) -> float:
@@ -158,7 +160,10 @@ class WarmupCosine(pl.Callback):
     def _apply(self, trainer: pl.Trainer) -> None:
         if self.base_lrs is None:
             return
-        factor = self.lr_factor(trainer.global_step)
+        step = trainer.global_step
+        if step != self._factor_step:  # hooks run several times per step: compute the factor once per step
+            self._factor, self._factor_step = self.lr_factor(step), step
+        factor = self._factor
         for opt, base in zip(trainer.optimizers, self.base_lrs):
             for group, lr in zip(opt.param_groups, base):
                 group["lr"] = lr * factor
@@ -176,6 +181,7 @@ class WarmupCosine(pl.Callback):
         return {"base_lrs": self.base_lrs, "planned_total": self.planned_total, "warmup_steps": self.warmup_steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._factor_step = -1
         self.base_lrs = state_dict["base_lrs"]
         self.planned_total = state_dict["planned_total"]
         self.warmup_steps = state_dict["warmup_steps"]

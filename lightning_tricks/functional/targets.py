@@ -21,7 +21,14 @@ from torch import Tensor
 
 from lightning_tricks.functional._checks import check_choice, check_number
 
-__all__ = ["CONVENTIONS", "check_index_targets", "smooth_targets", "soft_cross_entropy", "to_soft_targets"]
+__all__ = [
+    "CONVENTIONS",
+    "check_index_targets",
+    "smooth_soft",
+    "smooth_targets",
+    "soft_cross_entropy",
+    "to_soft_targets",
+]
 
 CONVENTIONS = ("uniform", "others")
 
@@ -121,7 +128,14 @@ def smooth_targets(
     soft = to_soft_targets(target, num_classes, ignore_index)
     # A row's mass is 1 for a sample and 0 for an ignored one; index targets without ignore_index are all 1.
     exact_rows = not target.is_floating_point() and ignore_index is None
-    mass: Tensor | float = 1.0 if exact_rows else soft.sum(dim=-1, keepdim=True)
+    return smooth_soft(soft, smoothing, convention, rows_sum_to_one=exact_rows)
+
+
+def smooth_soft(soft: Tensor, smoothing: float, convention: str = "uniform", rows_sum_to_one: bool = False) -> Tensor:
+    """:func:`smooth_targets` for float32 ``(N, K)`` targets, without argument checks (for per-step callers that
+    checked them once). Rows keep their mass: an all-zero (ignored) row stays zero unless ``rows_sum_to_one``."""
+    num_classes = soft.shape[-1]
+    mass: Tensor | float = 1.0 if rows_sum_to_one else soft.sum(dim=-1, keepdim=True)
     if convention == "uniform":
         keep, spread = 1.0 - smoothing, smoothing / num_classes
     else:  # (1 - eps) t + eps (m - t) / (K - 1) = t (1 - eps - eps / (K - 1)) + m eps / (K - 1)
