@@ -220,7 +220,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.fast:
         args.epochs, args.seeds = 2, args.seeds[:1]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*litlogger.*")
     data = mnist1d()

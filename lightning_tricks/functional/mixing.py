@@ -68,7 +68,7 @@ def mixup(x: Tensor, soft_target: Tensor, lam: float | Tensor, index: Tensor) ->
     return mix_pair(x, lam, index), mix_pair(soft_target, lam, index)
 
 
-def _bound(b: Bound, n: int, device: torch.device) -> Tensor:
+def _bound(b: Bound, device: torch.device) -> Tensor:
     return b.to(device).reshape(-1, 1) if isinstance(b, Tensor) else torch.full((1, 1), int(b), device=device)
 
 
@@ -83,7 +83,7 @@ def box_mask(x: Tensor, box: Box) -> Tensor:
     mask: Tensor | None = None
     for dim, ((start, stop), size) in enumerate(zip(box, spatial)):
         pos = torch.arange(size, device=x.device).reshape(1, size)
-        inside = (pos >= _bound(start, x.shape[0], x.device)) & (pos < _bound(stop, x.shape[0], x.device))
+        inside = (pos >= _bound(start, x.device)) & (pos < _bound(stop, x.device))
         shape = [inside.shape[0], 1] + [size if d == dim else 1 for d in range(len(spatial))]
         inside = inside.reshape(shape)
         mask = inside if mask is None else mask & inside

@@ -40,11 +40,9 @@ def check_index_targets(target: Tensor, num_classes: int, ignore_index: int | No
     offending value); on an accelerator it is a device-side assertion that never stalls the step.
     """
     _check_integer(target, num_classes)
-    valid = (target >= 0) & (target < num_classes)
-    if ignore_index is not None:
-        valid |= target == ignore_index
     try:
-        torch._assert_async(valid.all(), "lightning_tricks: a target index is outside [0, num_classes)")
+        torch._assert_async(_valid(target, num_classes, ignore_index).all(),
+                            "lightning_tricks: a target index is outside [0, num_classes)")
     except RuntimeError:
         raise _range_error(target, num_classes, ignore_index) from None
 
@@ -57,11 +55,14 @@ def _check_integer(target: Tensor, num_classes: int) -> None:
         )
 
 
+def _valid(target: Tensor, num_classes: int, ignore_index: int | None) -> Tensor:
+    valid = (target >= 0) & (target < num_classes)
+    return valid | (target == ignore_index) if ignore_index is not None else valid
+
+
 def _range_error(target: Tensor, num_classes: int, ignore_index: int | None) -> ValueError:
     """The error for out-of-range indices, built only once something failed (it reads the target)."""
-    valid = (target >= 0) & (target < num_classes)
-    if ignore_index is not None:
-        valid |= target == ignore_index
+    valid = _valid(target, num_classes, ignore_index)
     bad = target[~valid][0].item() if not bool(valid.all()) else "?"
     allowed = f"[0, {num_classes})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
     hint = "" if ignore_index is not None else " (set `ignore_index` for padding/ignored samples)"
