@@ -50,7 +50,13 @@ class TricksMixin:
         trainer = getattr(self, "_trainer", None)
         if trainer is None:
             return []
-        return sorted((cb for cb in trainer.callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
+        # Cached per (trainer, callback list): this runs twice per training step.
+        key = (id(trainer), *map(id, trainer.callbacks))
+        cached = self.__dict__.get("_tricks_cache")
+        if cached is None or cached[0] != key:
+            tricks = sorted((cb for cb in trainer.callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
+            cached = self.__dict__["_tricks_cache"] = (key, tricks)
+        return cached[1]
 
     def _tricks_fitting_train_batch(self) -> bool:
         trainer = getattr(self, "_trainer", None)

@@ -95,6 +95,48 @@ def test_norms_equal_reference_once_per_step(precision: str, accumulate: int) ->
         assert all("amp/loss_scale" in m for m in mon.history)
 
 
+class SometimesUnusedHead(TinyNet):
+    """A second head used on odd steps only: on even steps its parameters get no gradient at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).flatten(1)
+        out = self.head(h)
+        return out + self.extra(h) if self.trainer.global_step % 2 else out
+
+
+def test_parameters_without_gradient_count_as_zero() -> None:
+    class Ref(Reference):
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+            self.norms.append(torch.nn.utils.get_total_norm(
+                [p.grad for p in pl_module.parameters() if p.grad is not None]).item())
+            extra = [p.grad for p in pl_module.extra.parameters() if p.grad is not None]
+            self.groups.append([torch.nn.utils.get_total_norm(extra).item() if extra else 0.0])
+
+    ref, mon = Ref(), Recording(log_every_n_steps=1)
+    model = SometimesUnusedHead()
+    model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.01)  # type: ignore[method-assign]
+    trainer = quiet_trainer(max_steps=4, callbacks=[ref, mon])
+    trainer.fit(model, loader(64, 8))
+    assert [g[0] == 0.0 for g in ref.groups] == [True, False, True, False]  # the case under test happened
+    for r, m, groups in zip(ref.norms, mon.history, ref.groups):
+        assert m["grad/norm"] == pytest.approx(r, rel=1e-5)
+        assert m["grad/norm/extra"] == pytest.approx(groups[0], rel=1e-5, abs=1e-12)
+
+
+def test_low_precision_parameters() -> None:
+    """bf16-true: parameters and gradients in bf16, norms kept in float32 (the non-stacking path)."""
+    ref, mon = Reference(), Recording(log_every_n_steps=1)
+    trainer = quiet_trainer(max_steps=3, precision="bf16-true", callbacks=[ref, mon])
+    trainer.fit(TinyNet(), loader(64, 8))
+    assert len(mon.history) == 3
+    for r, m in zip(ref.norms, mon.history):
+        assert m["grad/norm"] == pytest.approx(r, rel=2e-2)  # bf16 per-parameter norms: ~3 significant digits
+
+
 class FusedNet(TinyNet):
     def configure_optimizers(self) -> Any:
         return torch.optim.AdamW(self.parameters(), lr=0.01, fused=True)

@@ -17,6 +17,7 @@ from torch import Tensor
 from lightning_tricks.functional._checks import check_number
 
 SEVERITIES = ("info", "warning", "error")
+_CHUNK = 512  # batches per stacked chunk of the per-batch records (bounds the number of live scalar tensors)
 
 
 @dataclass
@@ -83,8 +84,9 @@ class TrainingDoctor(pl.Callback):
     (``doctor/warnings``, ``doctor/errors``) and is written as ``doctor_report.md`` and ``doctor_report.json``
     next to the logs (the logger's ``log_dir``, else ``default_root_dir``; or ``out_dir``).
 
-    Cost: four small kernels per step on the device (a finite check of the inputs and two copies into a
-    per-epoch buffer); the host reads the buffer once per epoch.
+    Cost: one small kernel per step on the device (the float32 sum of the inputs, a probe that is non-finite
+    exactly when an input is NaN/inf); the step loss and that probe are kept as device scalars and the host reads
+    them once per epoch.
 
     Args:
         train_loss: the logged training loss (``<name>_epoch`` is used when it exists).
@@ -126,48 +128,54 @@ class TrainingDoctor(pl.Callback):
     # ------------------------------------------------------------------ per step: device only
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.findings, self.history, self.report_paths = [], [], []
-        batches = trainer.num_training_batches
-        capacity = int(batches) if isinstance(batches, int) or math.isfinite(batches) else 1024
-        # One row per training batch of the epoch: [step loss, inputs finite (1/0), optimizer step]; the host reads
-        # the rows once per epoch (or when the buffer is full).
-        self._rows = torch.zeros(max(capacity, 1), 3, dtype=torch.float32, device=pl_module.device)
-        self._n = 0
-        self._epoch_stats: list[np.ndarray] = []
+        self._reset_epoch()
+
+    def _reset_epoch(self) -> None:
+        # Per training batch: the step loss and a probe of the inputs (their float32 sum: non-finite exactly when
+        # an input is NaN/inf, short of a float32 overflow of the sum) as device scalars, and the optimizer step
+        # as a host int. Stacked every `_CHUNK` batches, read by the host once per epoch.
+        self._losses: list[Tensor] = []
+        self._probes: list[Tensor] = []
+        self._steps: list[int] = []
+        self._chunks: list[Tensor] = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._n == len(self._rows):
-            self._flush()
-        row = self._rows[self._n]
-        row[2] = trainer.global_step  # a host int: no read of the device
-        tensors = [t for t in _tensors(batch) if t.is_floating_point()]
-        if len(tensors) == 1:
-            row[1].copy_(torch.isfinite(tensors[0]).all())
-        elif tensors:
-            row[1].copy_(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-        else:
-            row[1] = 1.0
+        self._step_of_batch = trainer.global_step  # the optimizer step this batch contributes to
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, Tensor) and self._n < len(self._rows):
-            self._rows[self._n, 0].copy_(loss.detach().reshape(()))
-            self._n += 1
+        if not isinstance(loss, Tensor):
+            return  # a skipped step (training_step returned None)
+        tensors = [t for t in _tensors(batch) if t.is_floating_point()]
+        if len(tensors) == 1:
+            probe = tensors[0].sum(dtype=torch.float32)
+        elif tensors:
+            probe = torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum()
+        else:
+            probe = loss.new_zeros((), dtype=torch.float32)
+        self._losses.append(loss.detach())
+        self._probes.append(probe)
+        self._steps.append(self._step_of_batch)
+        if len(self._losses) == _CHUNK:
+            self._stack_chunk()
 
-    def _flush(self) -> None:
-        if self._n:
-            self._epoch_stats.append(np.asarray(self._rows[: self._n].tolist(), dtype=np.float64))
-        self._n = 0
+    def _stack_chunk(self) -> None:
+        if self._losses:
+            losses = torch.stack([t.reshape(()) for t in self._losses]).float()
+            self._chunks.append(torch.stack([losses, torch.stack(self._probes)], dim=1))
+            self._losses, self._probes = [], []
 
     # ------------------------------------------------------------------ per epoch: one host read
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        self._flush()
-        rows = np.concatenate(self._epoch_stats) if self._epoch_stats else np.zeros((0, 3))
-        self._epoch_stats = []
-        losses, finite_in, steps = rows[:, 0], rows[:, 1] > 0.5, rows[:, 2].astype(int)
+        self._stack_chunk()
+        rows = np.asarray(torch.cat(self._chunks).tolist(), dtype=np.float64) if self._chunks else np.zeros((0, 2))
+        steps = np.asarray(self._steps, dtype=int)
+        self._reset_epoch()
+        losses, finite_in = rows[:, 0], np.isfinite(rows[:, 1])
         ok = np.isfinite(losses)
         m = trainer.callback_metrics
         rec = _Epoch(

@@ -148,7 +148,7 @@ class Mixup(TrickCallback):
         if self.mode == "batch":
             if d["use_cut"]:
                 box = d["box"]
-                mixed = torch.where(box_mask(x, box), x[index], x)
+                mixed = torch.where(box_mask(x, box), x.index_select(0, index), x)
                 lam: float | Tensor = box_lambda(x, box)
             else:
                 lam = d["lam"]
@@ -170,7 +170,7 @@ class Mixup(TrickCallback):
             else:
                 weight_x = weight.to(x.dtype).reshape(shape)
                 lam = weight
-            mixed = torch.lerp(x[index], x, weight_x)
+            mixed = torch.lerp(x.index_select(0, index), x, weight_x)
         self._pending = (lam, index)
         return mixed
 

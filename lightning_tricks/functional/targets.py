@@ -169,7 +169,7 @@ def soft_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int | None 
             raise _range_error(target, logits.shape[-1], ignore_index) from None
     if target.shape != logits.shape:
         raise ValueError(f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}.")
+    if ignore_index is None:  # rows sum to 1: torch's probability-target cross-entropy, one call
+        return F.cross_entropy(logits, target)
     total = (target * F.log_softmax(logits, dim=-1)).sum()
-    if ignore_index is None:
-        return total * (-1.0 / target.shape[0])
     return -total / target.sum().clamp_min(1e-12)
