@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_tricks import GradientMonitor, LabelSmoothing, Mixup, WarmupCosine
+from lightning_tricks import EarlyStopping, GradientMonitor, LabelSmoothing, Mixup, TrainingDoctor, WarmupCosine
 from tests.conftest import TinyNet, loader
 from tests.test_gradient_monitor import NaNAt, Recording, Reference
 
@@ -27,10 +27,14 @@ def gpu_trainer(**kw: Any) -> pl.Trainer:
 
 
 class SyncCounter(pl.Callback):
-    """Counts host-device syncs (sync debug mode 'warn') between consecutive training-batch ends."""
+    """Counts host-device syncs (sync debug mode 'warn') between consecutive training-batch ends.
+
+    A row is ``(syncs, logging step, first batch of an epoch)``: the syncs of epoch-end hooks land in the row of the
+    next epoch's first batch.
+    """
 
     def __init__(self) -> None:
-        self.rows: list[tuple[int, bool]] = []
+        self.rows: list[tuple[int, bool, bool]] = []
         self.sites: set[str] = set()
         self._ctx: Any = None
 
@@ -54,13 +58,14 @@ class SyncCounter(pl.Callback):
     def on_train_start(self, *args: Any) -> None:
         self._arm()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         sites_before = set(self.sites)
         n = self._disarm()
         logging = trainer.global_step % trainer.log_every_n_steps == 0
-        if logging:  # sync sites are collected for non-logging steps only
+        boundary = batch_idx == 0
+        if logging or boundary:  # sync sites are collected for steps inside an interval and an epoch only
             self.sites = sites_before
-        self.rows.append((n, logging))
+        self.rows.append((n, logging, boundary))
         self._arm()
 
     def on_train_end(self, *args: Any) -> None:
@@ -77,28 +82,33 @@ class SyncingNet(TinyNet):
 def test_sync_counter_sees_a_sync() -> None:
     counter = SyncCounter()
     gpu_trainer(max_steps=6, log_every_n_steps=50, callbacks=[counter]).fit(SyncingNet(), loader())
-    assert all(n >= 1 for n, _ in counter.rows[1:])
+    assert all(n >= 1 for n, _, _ in counter.rows[1:])
 
 
 def _syncs(callbacks: list[pl.Callback], clip: float | None) -> SyncCounter:
     counter = SyncCounter()
-    trainer = gpu_trainer(max_steps=30, log_every_n_steps=10, precision="bf16-mixed", gradient_clip_val=clip,
+    trainer = gpu_trainer(max_steps=60, log_every_n_steps=10, precision="bf16-mixed", gradient_clip_val=clip,
                           callbacks=[*callbacks, counter])
     pl.seed_everything(0, verbose=False)
-    trainer.fit(TinyNet(), loader(64 * 8, 8))
+    trainer.fit(TinyNet(), loader(32 * 8, 8))  # 32 batches per epoch: two epoch ends inside the run
     return counter
 
 
 @pytest.mark.parametrize("clip", [None, 1.0])
 def test_tricks_add_no_sync_between_logging_steps(clip: float | None) -> None:
-    """The whole loop's syncs per non-logging step, with all tricks, equal a plain loop's: the tricks add none."""
+    """The whole loop's syncs per step inside a logging interval and an epoch, with all six callbacks of the
+    recipe, equal a plain loop's: the tricks add none (the doctor and early stopping read once per epoch)."""
     plain = _syncs([], clip)
-    tricks = _syncs([WarmupCosine(), LabelSmoothing(0.1), Mixup(0.2, cutmix_alpha=1.0), GradientMonitor()], clip)
-    p = [n for n, logging in plain.rows[2:] if not logging]
-    t = [n for n, logging in tricks.rows[2:] if not logging]
+    tricks = _syncs([WarmupCosine(), LabelSmoothing(0.1), Mixup(0.2, cutmix_alpha=1.0), GradientMonitor(),
+                     EarlyStopping("train_loss_epoch", patience=50), TrainingDoctor()], clip)
+    p = [n for n, logging, boundary in plain.rows[2:] if not (logging or boundary)]
+    t = [n for n, logging, boundary in tricks.rows[2:] if not (logging or boundary)]
+    p_edges = [n for n, logging, boundary in plain.rows[2:] if boundary and not logging]
+    t_edges = [n for n, logging, boundary in tricks.rows[2:] if boundary and not logging]
+    print(f"clip={clip}: syncs at epoch starts (previous epoch's end), plain {p_edges}, with the tricks {t_edges}")
     print(f"clip={clip}: syncs per non-logging step, plain {sum(p)}/{len(p)} at {sorted(plain.sites)}; "
           f"with the tricks {sum(t)}/{len(t)} at {sorted(tricks.sites)}")
-    assert len(t) == len(p) > 20
+    assert len(t) == len(p) > 40
     assert sum(t) == sum(p) == 0
     assert not any("lightning_tricks" in site for site in tricks.sites)
 
