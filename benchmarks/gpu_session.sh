@@ -11,10 +11,10 @@ timeout 150 python -m pytest -q -s tests/test_gpu.py -p no:cacheprovider > "$OUT
 echo "test_gpu exit $?" >> "$OUT/test_gpu.log"
 tail -3 "$OUT/test_gpu.log"
 CONFIGS=${CONFIGS:-plain monitor mixup timm_mixup all}
-timeout 200 python benchmarks/overhead.py --device cuda --workloads resnet18-32px-b256 --steps 150 --repeats 5 \
+timeout 200 python benchmarks/overhead.py --device cuda --workloads resnet18-32px-b256 --steps 150 --repeats ${R18_REPEATS:-5} \
     --configs $CONFIGS --out "$OUT/resnet18" > "$OUT/resnet18.log" 2>&1
 echo "resnet18 exit $?"
-timeout 180 python benchmarks/overhead.py --device cuda --workloads resnet50-160px-b128 --steps 100 --repeats 4 \
+timeout 180 python benchmarks/overhead.py --device cuda --workloads resnet50-160px-b128 --steps 100 --repeats ${R50_REPEATS:-4} \
     --configs $CONFIGS --out "$OUT/resnet50" > "$OUT/resnet50.log" 2>&1
 echo "resnet50 exit $?"
 cat "$OUT"/resnet18/overhead.md "$OUT"/resnet50/overhead.md 2>/dev/null

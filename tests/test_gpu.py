@@ -69,7 +69,9 @@ class SyncCounter(pl.Callback):
         self._arm()
 
     def on_train_end(self, *args: Any) -> None:
+        sites_before = set(self.sites)
         self._disarm()
+        self.sites = sites_before  # the last epoch's end and the end of fit: not a step inside an interval
 
 
 class SyncingNet(TinyNet):
