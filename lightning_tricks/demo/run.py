@@ -50,8 +50,13 @@ class Recorder(pl.Callback):
 
 
 def recipe_callbacks() -> list[pl.Callback]:
-    """The guide's recipe: warmup 0.1 + cosine, label smoothing 0.1, mixup 0.2, gradient monitoring (per-layer norms,
-    stop on non-finite gradients), early stopping and the training doctor.
+    """The guide's recipe, tuned for MNIST-1D: warmup 0.1 + cosine, label smoothing 0.1, mixup with alpha 0.4,
+    gradient monitoring (per-layer norms, stop on non-finite gradients), early stopping and the training doctor.
+
+    Mixup's alpha is 0.4 rather than the guide's default 0.2: on this dataset it was the best recipe of the ablation
+    (``benchmarks/mnist1d_ablation.py``, docs/results.md): +3.3, +2.5, +3.4 points over the baseline on seeds 0-2,
+    where 0.2 gave +2.1, +1.4, +3.2. Both lie in the range practice uses (0.2 on ImageNet, 0.4 in fastai, 1.0 in
+    Composer for CIFAR-10); ``recipe()`` itself keeps the guide's 0.2.
 
     Early stopping watches validation accuracy (under mixup and label smoothing the validation cross-entropy drifts up
     late in training while accuracy still improves) with a long patience, as a guard: a cosine schedule planned for
@@ -61,7 +66,7 @@ def recipe_callbacks() -> list[pl.Callback]:
     restoring the weights that scored best on it would inflate the test accuracy. With your own validation split,
     use ``restore_best_weights=True``.
     """
-    return recipe(warmup=0.1, label_smoothing=0.1, mixup=0.2, early_stopping="val_acc", mode="max", patience=40,
+    return recipe(warmup=0.1, label_smoothing=0.1, mixup=0.4, early_stopping="val_acc", mode="max", patience=40,
                   start_from_epoch=10, restore_best_weights=False)
 
 
