@@ -16,6 +16,7 @@ A user may override any step and still call ``self.tricks_loss(logits, y)``.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch.nn.functional as F
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from lightning_tricks.callbacks._base import TrickCallback
 
 __all__ = ["TricksMixin"]
+
+_TRICKS_CACHE: weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], list[TrickCallback]]] = weakref.WeakKeyDictionary()
 
 
 class TricksMixin:
@@ -50,12 +53,13 @@ class TricksMixin:
         trainer = getattr(self, "_trainer", None)
         if trainer is None:
             return []
-        # Cached per (trainer, callback list): this runs twice per training step.
-        key = (id(trainer), *map(id, trainer.callbacks))
-        cached = self.__dict__.get("_tricks_cache")
+        # Cached per trainer and callback list (this runs twice per training step), keyed weakly by the trainer and
+        # outside the module, so that deep copies and pickles of the module (EMA, SWA) do not carry the callbacks.
+        key = tuple(map(id, trainer.callbacks))
+        cached = _TRICKS_CACHE.get(trainer)
         if cached is None or cached[0] != key:
             tricks = sorted((cb for cb in trainer.callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
-            cached = self.__dict__["_tricks_cache"] = (key, tricks)
+            cached = _TRICKS_CACHE[trainer] = (key, tricks)
         return cached[1]
 
     def _tricks_fitting_train_batch(self) -> bool:

@@ -291,3 +291,33 @@ def test_mixup_refuses_integer_inputs() -> None:
                       batch_size=4)
     with pytest.raises(TypeError, match=r"MixUp blends inputs and needs floating-point ones, got torch\.int64"):
         quiet_trainer(max_steps=1, callbacks=[Mixup(alpha=1.0)]).fit(TinyNet(), data)
+
+
+def test_module_deep_copies_mid_fit_without_the_callbacks() -> None:
+    """EMA/SWA-style code deep-copies the module during fit: the copy must work and carry no callback."""
+    import copy
+    import io
+    import pickle
+
+    from lightning_tricks import GradientMonitor, TrainingDoctor, WarmupCosine
+
+    copies: list[Any] = []
+    carried: list[str] = []
+
+    class FlagCallbacks(pickle.Pickler):
+        def persistent_id(self, obj: Any) -> Any:
+            if isinstance(obj, pl.Callback):
+                carried.append(type(obj).__name__)
+            return None
+
+    class CopyAtStep2(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            if trainer.global_step == 2:
+                copies.append(copy.deepcopy(pl_module))
+                FlagCallbacks(io.BytesIO()).dump(pl_module)
+
+    tricks = [WarmupCosine(), LabelSmoothing(0.1), Mixup(0.2), GradientMonitor(), TrainingDoctor()]
+    model = TinyNet()
+    quiet_trainer(max_steps=4, callbacks=[*tricks, CopyAtStep2()]).fit(model, loader(64, 8))
+    assert len(copies) == 1 and set(copies[0].state_dict()) == set(model.state_dict())
+    assert carried == []  # the module's pickle (what deepcopy walks too) reaches no callback
