@@ -107,3 +107,25 @@ def test_recipe_and_adamw_two_line_switch() -> None:
 def test_adamw_bad_arguments() -> None:
     with pytest.raises(ValueError, match="`lr`"):
         adamw(torch.nn.Linear(2, 2), lr=0.0)
+
+
+@pytest.mark.parametrize("show_loss", [False, True])
+def test_progress_bar_with_the_recipe(tmp_path: Path, show_loss: bool, capsys: Any) -> None:
+    """Lightning's TQDM bar runs with the whole recipe; it shows the validation metrics, and the step loss on request
+    (off by default: Lightning reads progress-bar values with `.item()` every step)."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class Net(TinyNet):
+        tricks_progress_bar_loss = show_loss
+
+    bar = TQDMProgressBar(refresh_rate=1)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[*recipe(early_stopping="val_loss", patience=5), bar])
+    trainer.fit(Net(), loader(64, 8), loader(32, 8))
+    shown = set(trainer.progress_bar_metrics)
+    assert {"val_loss", "val_acc"} <= shown
+    assert ("train_loss_step" in shown) == show_loss
+    printed = capsys.readouterr()
+    assert "val_acc=" in printed.out + printed.err  # the bar itself printed the metrics
+    assert ("train_loss_step=" in printed.out + printed.err) == show_loss
