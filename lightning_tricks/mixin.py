@@ -111,8 +111,14 @@ class TricksMixin:
         tricks = self._tricks() if self._tricks_fitting_train_batch() else []
         target_tricks = [cb for cb in tricks if cb.transforms_target]
         if target_tricks:
-            soft = to_soft_targets(target, logits.shape[-1], self.ignore_index)
-            for cb in target_tricks:
+            soft = None
+            if self.ignore_index is None and not target.is_floating_point():
+                # the first trick may build its soft targets straight from the indices (label smoothing: 2 kernels)
+                soft = target_tricks[0].tricks_soft_from_indices(self, target, logits.shape[-1])
+            rest = target_tricks if soft is None else target_tricks[1:]
+            if soft is None:
+                soft = to_soft_targets(target, logits.shape[-1], self.ignore_index)
+            for cb in rest:
                 soft = cb.tricks_transform_target(self, soft)
             self.tricks_targets = soft
             loss = soft_cross_entropy(logits, soft, self.ignore_index)

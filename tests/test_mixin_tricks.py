@@ -87,6 +87,24 @@ def test_label_smoothing_loss(convention: str) -> None:
             assert abs(r["loss"].item() - F.cross_entropy(r["logits"], r["y0"], label_smoothing=0.2).item()) <= 1e-6
 
 
+def test_label_smoothing_alone_with_ignore_index() -> None:
+    """Ignored samples are left out of the smoothed loss and of its mean (torch's rule for label smoothing)."""
+
+    class Padded(Probe):
+        ignore_index = -100
+
+    data = make_data(64)
+    data.tensors[1][::5] = -100
+    model = Padded()
+    quiet_trainer(max_steps=4, callbacks=[LabelSmoothing(0.1)]).fit(model, DataLoader(data, batch_size=16))
+    for r in model.records:
+        soft = smooth_targets(r["y0"], 4, 0.1, ignore_index=-100)
+        ref = F.cross_entropy(r["logits"], r["y0"], label_smoothing=0.1, ignore_index=-100)
+        assert abs(r["loss"].item() - ref.item()) <= 1e-6
+        assert abs(r["loss"].item() - soft_cross_entropy(r["logits"], soft, ignore_index=-100).item()) <= 1e-6
+        assert (r["y0"] == -100).any()
+
+
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
 @pytest.mark.parametrize("accumulate", [1, 3])
 def test_mixup_with_smoothing(precision: str, accumulate: int) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_tricks.functional import smooth_targets, soft_cross_entropy, to_soft_targets
+from lightning_tricks.functional import smooth_targets, smoothed_one_hot, soft_cross_entropy, to_soft_targets
 
 
 def test_uniform_equals_torch_label_smoothing() -> None:
@@ -39,6 +39,17 @@ def test_others_convention_is_the_guides() -> None:
     uniform = smooth_targets(y, 4, 0.3)
     ref_u = torch.full((2, 4), 0.3 / 4).scatter_(1, y.unsqueeze(1), 1 - 0.3 + 0.3 / 4)
     torch.testing.assert_close(uniform, ref_u, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("convention", ["uniform", "others"])
+def test_smoothed_one_hot_equals_smooth_targets(convention: str) -> None:
+    y = torch.randint(0, 6, (50,), generator=torch.Generator().manual_seed(2))
+    for eps in (0.0, 0.1, 0.25):
+        fast = smoothed_one_hot(y, 6, eps, convention)
+        assert fast.dtype == torch.float32
+        torch.testing.assert_close(fast, smooth_targets(y, 6, eps, convention), atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="target index 6 is out of range"):
+        smoothed_one_hot(torch.tensor([0, 6]), 6, 0.1)
 
 
 def test_soft_inputs_and_rows_sum_to_one() -> None:

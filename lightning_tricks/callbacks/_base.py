@@ -58,6 +58,12 @@ class TrickCallback(pl.Callback):
         """Return new float32 ``(N, K)`` soft targets for the current training batch."""
         return soft_target
 
+    def tricks_soft_from_indices(self, pl_module: TricksMixin, target: Tensor, num_classes: int) -> Tensor | None:
+        """Optional shortcut, used when this is the first target trick and the targets are class indices with no
+        ``ignore_index``: return the float32 soft targets ``tricks_transform_target`` would make of their one-hot
+        rows, built directly (fewer kernels), or ``None`` to take the general path."""
+        return None
+
     def tricks_transform_loss(self, pl_module: TricksMixin, logits: Tensor, target: Tensor, loss: Tensor) -> Tensor:
         """Return the training loss, given the student's logits, the effective targets and the loss so far."""
         return loss

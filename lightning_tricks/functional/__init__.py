@@ -19,6 +19,7 @@ from lightning_tricks.functional.schedules import (
 )
 from lightning_tricks.functional.targets import (
     smooth_targets,
+    smoothed_one_hot,
     soft_cross_entropy,
     to_soft_targets,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "sample_box",
     "sample_lambda",
     "smooth_targets",
+    "smoothed_one_hot",
     "soft_cross_entropy",
     "soft_distillation_loss",
     "step_decay",

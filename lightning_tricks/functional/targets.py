@@ -26,6 +26,7 @@ __all__ = [
     "check_index_targets",
     "smooth_soft",
     "smooth_targets",
+    "smoothed_one_hot",
     "soft_cross_entropy",
     "to_soft_targets",
 ]
@@ -130,6 +131,25 @@ def smooth_targets(
     # A row's mass is 1 for a sample and 0 for an ignored one; index targets without ignore_index are all 1.
     exact_rows = not target.is_floating_point() and ignore_index is None
     return smooth_soft(soft, smoothing, convention, rows_sum_to_one=exact_rows)
+
+
+def smoothed_one_hot(target: Tensor, num_classes: int, smoothing: float, convention: str = "uniform") -> Tensor:
+    """:func:`smooth_targets` for class indices ``(N,)`` with no ignored sample, in two kernels (fill and scatter).
+
+    Every entry starts at the wrong classes' share (``eps / K``, or ``eps / (K - 1)`` for ``"others"``) and the
+    right class is set to its own (``1 - eps + eps / K``, or ``1 - eps``). Arguments are not checked (a per-step
+    path: check them once with ``check_number``/``check_choice``); out-of-range indices raise as in
+    :func:`to_soft_targets`.
+    """
+    if convention == "uniform":
+        spread, right = smoothing / num_classes, 1.0 - smoothing + smoothing / num_classes
+    else:
+        spread, right = smoothing / (num_classes - 1), 1.0 - smoothing
+    soft = torch.full((target.shape[0], num_classes), spread, dtype=torch.float32, device=target.device)
+    try:
+        return soft.scatter_(1, target.unsqueeze(1), right)
+    except RuntimeError:
+        raise _range_error(target, num_classes, None) from None
 
 
 def smooth_soft(soft: Tensor, smoothing: float, convention: str = "uniform", rows_sum_to_one: bool = False) -> Tensor:
