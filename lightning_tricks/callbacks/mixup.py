@@ -106,15 +106,18 @@ class Mixup(TrickCallback):
 
     # ------------------------------------------------------------------ sampling (host only)
     def _rng(self, trainer: pl.Trainer) -> np.random.Generator:
-        # Philox is counter-based: keyed by (seed, rank), positioned by the batch counter. The generator is built once
-        # per key; moving it to a batch is a 1 us state write (building one costs about 13 us).
+        # Philox is counter-based: keyed by (seed, rank), positioned by the batch counter. The batch counter goes in the
+        # counter's second 64-bit word: the generator advances the first word as it draws (one step per 4 outputs),
+        # so each batch owns a disjoint stream of 2**64 blocks. (In the first word, batch c + 1's stream would be
+        # batch c's shifted by 4 values: correlated draws.) The generator is built once per key; moving it to a
+        # batch is a 1 us state write (building one costs about 13 us).
         key = (int(self.seed or 0) % 2**64) ^ (trainer.global_rank * 0x9E3779B97F4A7C15 % 2**64)
         if getattr(self, "_key", None) != key:
             self._key, self._bitgen = key, np.random.Philox(key=key)
             self._gen = np.random.Generator(self._bitgen)
             self._state = self._bitgen.state
         state = self._state
-        state["state"]["counter"][:] = (trainer.fit_loop.epoch_loop.batch_progress.total.ready, 0, 0, 0)
+        state["state"]["counter"][:] = (0, trainer.fit_loop.epoch_loop.batch_progress.total.ready, 0, 0)
         state["buffer_pos"], state["has_uint32"], state["uinteger"] = 4, 0, 0  # nothing buffered from before
         self._bitgen.state = state
         return self._gen
