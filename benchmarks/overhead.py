@@ -9,7 +9,8 @@ Configurations (each a fresh Trainer, run interleaved over repeats so that machi
 * ``mixup``: :class:`LabelSmoothing` (0.1) + :class:`Mixup` (alpha 0.2);
 * ``timm_mixup``: ``timm.data.Mixup(mixup_alpha=0.2, label_smoothing=0.1)`` + ``SoftTargetCrossEntropy`` in the
   training step (the usual way to use it);
-* ``all``: WarmupCosine + LabelSmoothing + Mixup + GradientMonitor + EarlyStopping + TrainingDoctor together.
+* ``all``: WarmupCosine + LabelSmoothing + Mixup + GradientMonitor + EarlyStopping + TrainingDoctor together;
+* on request, one callback each: ``schedule``, ``smoothing``, ``mixup_only``, ``early_stopping``, ``doctor``.
 
 CPU: step time = time between consecutive ``on_train_batch_end`` calls (so data transfer and the batch seam are
 inside); the median over non-logging steps after warm-up is reported, and ratios are to ``plain``.
@@ -60,6 +61,14 @@ from lightning_tricks import (
 from lightning_tricks.demo.model import ConvBase
 
 CONFIGS = ("plain", "grad_norm", "monitor", "mixup", "timm_mixup", "all")
+# One callback each, for a breakdown of "all" (not run by default): --configs plain schedule smoothing ... all
+SINGLE = {
+    "schedule": lambda: [WarmupCosine(warmup=0.1)],
+    "smoothing": lambda: [LabelSmoothing(0.1)],
+    "mixup_only": lambda: [Mixup(alpha=0.2)],
+    "early_stopping": lambda: [EarlyStopping("train_loss_epoch", strict=False)],
+    "doctor": lambda: [TrainingDoctor()],
+}
 
 
 class Batches(Dataset):
@@ -175,6 +184,8 @@ class StepTimer(pl.Callback):
 
 
 def callbacks_for(config: str) -> list[pl.Callback]:
+    if config in SINGLE:
+        return SINGLE[config]()
     if config == "monitor":
         return [GradientMonitor()]
     if config == "mixup":
@@ -225,7 +236,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=15, help="leading steps dropped from each run")
     ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *SINGLE])
     ap.add_argument("--out", type=Path, default=None, help="folder for overhead.json and overhead.md")
     ap.add_argument("--workloads", nargs="+", default=None, help="names of the workloads to run (default: all)")
     args = ap.parse_args()
