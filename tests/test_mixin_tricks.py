@@ -356,3 +356,34 @@ def test_consecutive_batches_draw_from_disjoint_streams() -> None:
     assert len(set(first) & set(second)) == 0
     assert len(set(first) & set(other_rank)) == 0
     assert list(stream(10)) == list(first)  # positioned by the counter alone: exact on resume
+
+
+def test_batch_mode_block_draws() -> None:
+    """Batch mode draws blocks of batches at once: every batch still gets its own lambda, pairing, CutMix choice and
+    keep decision, at the documented rates, the same on a recomputation (resume), for any batch size."""
+    from types import SimpleNamespace
+
+    from lightning_tricks.callbacks.mixup import _BLOCK
+
+    def draw(mix: Mixup, counter: int, n: int = 8) -> tuple[bool, bool, float, Any, list[int]]:
+        progress = SimpleNamespace(total=SimpleNamespace(ready=counter))
+        trainer = SimpleNamespace(global_rank=0,
+                                  fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+        keep, cut, lam, box, index = mix._batch_draw(trainer, n, (16,), torch.device("cpu"))  # type: ignore[arg-type]
+        return keep, cut, lam, box, index.tolist()
+
+    steps = 3 * _BLOCK + 5
+    mix = Mixup(0.4, cutmix_alpha=1.0, prob=0.8, seed=3)
+    draws = [draw(mix, c) for c in range(steps)]
+    assert all(sorted(d[4]) == list(range(8)) for d in draws)
+    assert len({tuple(d[4]) for d in draws}) > steps * 0.95  # distinct pairings (8! = 40320 possible)
+    assert len({d[2] for d in draws}) == steps  # a fresh lambda every batch
+    cut_rate = sum(d[1] for d in draws) / steps
+    keep_rate = sum(d[0] for d in draws) / steps
+    assert 0.35 < cut_rate < 0.65 and 0.1 < keep_rate < 0.3  # switch_prob 0.5, prob 0.8 (3-4 sd bands)
+    assert all((d[3] is not None) == d[1] for d in draws)
+    again = Mixup(0.4, cutmix_alpha=1.0, prob=0.8, seed=3)  # a fresh object: what a resumed run recomputes
+    assert [draw(again, c) for c in (steps - 1, 0, _BLOCK)] == [draws[steps - 1], draws[0], draws[_BLOCK]]
+    small = draw(mix, 5, n=5)  # an epoch's smaller last batch
+    assert sorted(small[4]) == list(range(5))
+    assert draw(mix, 6) == draws[6]  # the full-size block is still there

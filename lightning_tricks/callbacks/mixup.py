@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from lightning_tricks.mixin import TricksMixin
 
 MODES = ("batch", "elem")
+_BLOCK = 64  # batches whose draws are made together in "batch" mode
 
 
 class Mixup(TrickCallback):
@@ -105,22 +106,64 @@ class Mixup(TrickCallback):
         self.seed = state_dict["seed"]
 
     # ------------------------------------------------------------------ sampling (host only)
-    def _rng(self, trainer: pl.Trainer) -> np.random.Generator:
+    def _stream_key(self, trainer: pl.Trainer) -> int:
+        return (int(self.seed or 0) % 2**64) ^ (trainer.global_rank * 0x9E3779B97F4A7C15 % 2**64)
+
+    def _rng(self, trainer: pl.Trainer, block: bool = False) -> np.random.Generator:
+        """The generator positioned at this batch's stream (``block=True``: at the stream of its block of batches)."""
         # Philox is counter-based: keyed by (seed, rank), positioned by the batch counter. The batch counter goes in the
         # counter's second 64-bit word: the generator advances the first word as it draws (one step per 4 outputs),
         # so each batch owns a disjoint stream of 2**64 blocks. (In the first word, batch c + 1's stream would be
-        # batch c's shifted by 4 values: correlated draws.) The generator is built once per key; moving it to a
-        # batch is a 1 us state write (building one costs about 13 us).
-        key = (int(self.seed or 0) % 2**64) ^ (trainer.global_rank * 0x9E3779B97F4A7C15 % 2**64)
+        # batch c's shifted by 4 values: correlated draws.) Block streams are marked in the third word. The generator
+        # is built once per key; moving it to a batch is a 1 us state write (building one costs about 13 us).
+        key = self._stream_key(trainer)
         if getattr(self, "_key", None) != key:
             self._key, self._bitgen = key, np.random.Philox(key=key)
             self._gen = np.random.Generator(self._bitgen)
             self._state = self._bitgen.state
+            self._blocks: dict[tuple[Any, ...], dict[str, Any]] = {}
+        counter = trainer.fit_loop.epoch_loop.batch_progress.total.ready
         state = self._state
-        state["state"]["counter"][:] = (0, trainer.fit_loop.epoch_loop.batch_progress.total.ready, 0, 0)
+        state["state"]["counter"][:] = (0, counter // _BLOCK, 1, 0) if block else (0, counter, 0, 0)
         state["buffer_pos"], state["has_uint32"], state["uinteger"] = 4, 0, 0  # nothing buffered from before
         self._bitgen.state = state
         return self._gen
+
+    def _batch_draw(self, trainer: pl.Trainer, n: int, spatial: tuple[int, ...],
+                    device: torch.device) -> tuple[bool, bool, float, list[tuple[int, int]] | None, Tensor]:
+        """``(keep, use_cut, lam, box, index)`` of this batch in ``"batch"`` mode.
+
+        Drawn for ``_BLOCK`` batches at once (vectorised NumPy, one host-to-device copy of the block's permutations)
+        and read by row: per batch, a row select instead of a handful of NumPy calls and a transfer. The block
+        depends only on (seed, rank, batch counter // _BLOCK, batch size, input shape): exact on resume.
+        """
+        counter = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        key = (self._stream_key(trainer), counter // _BLOCK, n, spatial, device)
+        block = getattr(self, "_blocks", {}).get(key)
+        if block is None:
+            block = self._draw_block(self._rng(trainer, block=True), n, spatial, device)
+            if len(self._blocks) >= 2:  # the last batch of an epoch may be smaller: keep both sizes' blocks
+                self._blocks.pop(next(iter(self._blocks)))
+            self._blocks[key] = block
+        i = counter % _BLOCK
+        use_cut = bool(block["use_cut"][i])
+        box = [(int(a[i]), int(b[i])) for a, b in block["box"]] if use_cut else None
+        return bool(block["keep"][i]), use_cut, float(block["lam"][i]), box, block["index"][i]
+
+    def _draw_block(self, rng: np.random.Generator, n: int, spatial: tuple[int, ...],
+                    device: torch.device) -> dict[str, Any]:
+        b = _BLOCK
+        use_cut = (rng.random(b) < self.switch_prob) if self.cutmix_alpha > 0 and self.alpha > 0 \
+            else np.full(b, self.cutmix_alpha > 0)
+        lam_mix = rng.beta(self.alpha, self.alpha, size=b) if self.alpha > 0 else np.ones(b)
+        lam_cut = rng.beta(self.cutmix_alpha, self.cutmix_alpha, size=b) if self.cutmix_alpha > 0 else np.ones(b)
+        if use_cut.any() and not spatial:
+            raise ValueError("CutMix needs inputs with spatial dimensions, (N, C, L) or (N, C, H, W).")
+        box = sample_box(rng, spatial, lam_cut, self.cutmix_minmax, b) if use_cut.any() else None
+        keep = rng.random(b) >= self.prob  # not mixed: lam = 1
+        perms = np.argsort(rng.random((b, n)), axis=1)  # one uniform random permutation per row
+        return {"use_cut": use_cut, "lam": lam_mix, "box": box, "keep": keep,
+                "index": _to_device(torch.from_numpy(perms), device)}
 
     def _draw(self, rng: np.random.Generator, n: int, spatial: tuple[int, ...]) -> dict[str, Any]:
         """Draw ``lam`` (per batch or per sample), which samples use CutMix, their boxes and the pairing."""
@@ -143,20 +186,21 @@ class Mixup(TrickCallback):
             return x
         if self.alpha > 0 and not x.is_floating_point():
             raise TypeError(f"MixUp blends inputs and needs floating-point ones, got {x.dtype}.")
-        d = self._draw(self._rng(trainer), x.shape[0], tuple(x.shape[2:]))
-        if self.mode == "batch" and d["keep"]:
-            return x
         device = x.device
-        index = _to_device(torch.from_numpy(d["index"]), device)
         if self.mode == "batch":
-            if d["use_cut"]:
-                box = d["box"]
+            keep, use_cut, lam_mix, box, index = self._batch_draw(trainer, x.shape[0], tuple(x.shape[2:]), device)
+            if keep:
+                return x
+            if use_cut:
+                assert box is not None
                 mixed = torch.where(box_mask(x, box), x.index_select(0, index), x)
                 lam: float | Tensor = box_lambda(x, box)
             else:
-                lam = d["lam"]
+                lam = lam_mix
                 mixed = mix_pair(x, lam, index)
         else:
+            d = self._draw(self._rng(trainer), x.shape[0], tuple(x.shape[2:]))
+            index = _to_device(torch.from_numpy(d["index"]), device)
             lam_np = np.where(d["keep"], 1.0, np.where(d["use_cut"], 0.0, d["lam"])).astype(np.float32)
             weight = _to_device(torch.from_numpy(lam_np), device)
             shape = (-1,) + (1,) * (x.ndim - 1)
