@@ -165,17 +165,15 @@ class Mixup(TrickCallback):
         return {"use_cut": use_cut, "lam": lam_mix, "box": box, "keep": keep,
                 "index": _to_device(torch.from_numpy(perms), device)}
 
-    def _draw(self, rng: np.random.Generator, n: int, spatial: tuple[int, ...]) -> dict[str, Any]:
-        """Draw ``lam`` (per batch or per sample), which samples use CutMix, their boxes and the pairing."""
-        size = None if self.mode == "batch" else n
-        use_cut = self.cutmix_alpha > 0 and (self.alpha == 0 or rng.random(size) < self.switch_prob)
-        lam_mix = sample_lambda(rng, self.alpha, size) if self.alpha > 0 else 1.0
-        lam_cut = sample_lambda(rng, self.cutmix_alpha, size) if self.cutmix_alpha > 0 else 1.0
-        any_cut = bool(use_cut) if size is None else bool(np.any(use_cut))
-        if any_cut and not spatial:
+    def _draw_per_sample(self, rng: np.random.Generator, n: int, spatial: tuple[int, ...]) -> dict[str, Any]:
+        """``"elem"`` mode: per sample ``lam``, CutMix choice, box and keep decision, and the batch's pairing."""
+        use_cut = self.cutmix_alpha > 0 and (self.alpha == 0 or rng.random(n) < self.switch_prob)
+        lam_mix = sample_lambda(rng, self.alpha, n) if self.alpha > 0 else 1.0
+        lam_cut = sample_lambda(rng, self.cutmix_alpha, n) if self.cutmix_alpha > 0 else 1.0
+        if bool(np.any(use_cut)) and not spatial:
             raise ValueError("CutMix needs inputs with spatial dimensions, (N, C, L) or (N, C, H, W).")
-        box = sample_box(rng, spatial, lam_cut, self.cutmix_minmax, size) if any_cut else None
-        keep = rng.random(size) >= self.prob  # not mixed: lam = 1
+        box = sample_box(rng, spatial, lam_cut, self.cutmix_minmax, n) if bool(np.any(use_cut)) else None
+        keep = rng.random(n) >= self.prob  # not mixed: lam = 1
         return {"use_cut": use_cut, "lam": lam_mix, "box": box, "keep": keep, "index": rng.permutation(n)}
 
     # ------------------------------------------------------------------ the seam
@@ -199,7 +197,7 @@ class Mixup(TrickCallback):
                 lam = lam_mix
                 mixed = mix_pair(x, lam, index)
         else:
-            d = self._draw(self._rng(trainer), x.shape[0], tuple(x.shape[2:]))
+            d = self._draw_per_sample(self._rng(trainer), x.shape[0], tuple(x.shape[2:]))
             index = _to_device(torch.from_numpy(d["index"]), device)
             lam_np = np.where(d["keep"], 1.0, np.where(d["use_cut"], 0.0, d["lam"])).astype(np.float32)
             weight = _to_device(torch.from_numpy(lam_np), device)
