@@ -170,9 +170,10 @@ class Mixup(TrickCallback):
         use_cut = self.cutmix_alpha > 0 and (self.alpha == 0 or rng.random(n) < self.switch_prob)
         lam_mix = sample_lambda(rng, self.alpha, n) if self.alpha > 0 else 1.0
         lam_cut = sample_lambda(rng, self.cutmix_alpha, n) if self.cutmix_alpha > 0 else 1.0
-        if bool(np.any(use_cut)) and not spatial:
+        any_cut = bool(np.any(use_cut))
+        if any_cut and not spatial:
             raise ValueError("CutMix needs inputs with spatial dimensions, (N, C, L) or (N, C, H, W).")
-        box = sample_box(rng, spatial, lam_cut, self.cutmix_minmax, n) if bool(np.any(use_cut)) else None
+        box = sample_box(rng, spatial, lam_cut, self.cutmix_minmax, n) if any_cut else None
         keep = rng.random(n) >= self.prob  # not mixed: lam = 1
         return {"use_cut": use_cut, "lam": lam_mix, "box": box, "keep": keep, "index": rng.permutation(n)}
 
