@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tricks.callbacks._base import TrickCallback
+from lightning_tricks.callbacks._dispatch import skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_number
 from lightning_tricks.functional.distillation import soft_distillation_loss
 
@@ -86,6 +87,7 @@ class Distillation(TrickCallback):
         self.alpha = float(alpha)
         self._freeze()
         self._teacher_logits: Tensor | None = None
+        skip_unused_batch_hooks(self)
 
     def _freeze(self) -> None:
         self.teacher.eval()

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_tricks.callbacks._dispatch import skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_number
 
 SEVERITIES = ("info", "warning", "error")
@@ -124,6 +125,7 @@ class TrainingDoctor(pl.Callback):
         self.findings: list[Finding] = []
         self.history: list[_Epoch] = []
         self.report_paths: list[str] = []
+        skip_unused_batch_hooks(self)
 
     # ------------------------------------------------------------------ per step: device only
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

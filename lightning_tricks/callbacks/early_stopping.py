@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import EarlyStopping as _LightningEarlyStopping
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_tricks.callbacks._dispatch import skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_number
 
 
@@ -85,6 +86,7 @@ class EarlyStopping(_LightningEarlyStopping):
         self.best_weights: dict[str, Tensor] | None = None
         self.summary: str | None = None
         self._restored = False
+        skip_unused_batch_hooks(self)
 
     # ------------------------------------------------------------------ the check
     def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_tricks.callbacks._dispatch import skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_choice, check_number
 from lightning_tricks.functional.gradients import GradientLayout, group_norms
 
@@ -103,6 +104,7 @@ class GradientMonitor(pl.Callback):
         self.stopped_step: int | None = None
         self.stop_message: str | None = None
         self.checkpoint_path: str | None = None
+        skip_unused_batch_hooks(self)
 
     # ------------------------------------------------------------------ setup (once per fit)
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from lightning_tricks.callbacks._base import TrickCallback
+from lightning_tricks.callbacks._dispatch import skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_choice, check_number
 from lightning_tricks.functional.targets import CONVENTIONS, smooth_soft, smoothed_one_hot
 
@@ -42,6 +43,7 @@ class LabelSmoothing(TrickCallback):
         check_choice("convention", convention, CONVENTIONS)
         self.smoothing = float(smoothing)
         self.convention = convention
+        skip_unused_batch_hooks(self)
 
     def tricks_transform_target(self, pl_module: TricksMixin, soft_target: Tensor) -> Tensor:
         if self.convention == "others" and soft_target.shape[-1] < 2:

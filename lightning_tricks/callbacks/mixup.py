@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_tricks.callbacks._base import TrickCallback
+from lightning_tricks.callbacks._dispatch import skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_choice, check_number
 from lightning_tricks.functional.mixing import box_lambda, box_mask, mix_pair, sample_box, sample_lambda
 
@@ -92,6 +93,7 @@ class Mixup(TrickCallback):
         self.stop_epoch = stop_epoch
         self.seed = seed
         self._pending: tuple[float | Tensor, Tensor] | None = None
+        skip_unused_batch_hooks(self)
 
     # ------------------------------------------------------------------ state
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

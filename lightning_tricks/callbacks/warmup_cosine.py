@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_tricks.callbacks._dispatch import skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_number
 from lightning_tricks.functional.schedules import resolve_start_factor, warmup_cosine
 
@@ -75,6 +76,7 @@ class WarmupCosine(pl.Callback):
         self.planned_total: int | None = None
         self.warmup_steps: int | None = None
         self._factor, self._factor_step = 1.0, -1
+        skip_unused_batch_hooks(self)
 
     # ------------------------------------------------------------------ checks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -1,0 +1,40 @@
+"""Keep Lightning from dispatching per-batch hooks a callback does not implement."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+
+# The hooks Lightning calls once per batch or per optimizer step. Checkpoint and state hooks are left alone: Lightning
+# calls some of those directly (``callback.on_save_checkpoint(...)``), not through its dispatcher.
+PER_BATCH_HOOKS = (
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_validation_batch_start",
+    "on_validation_batch_end",
+    "on_test_batch_start",
+    "on_test_batch_end",
+    "on_predict_batch_start",
+    "on_predict_batch_end",
+)
+
+
+def skip_unused_batch_hooks(callback: pl.Callback) -> None:
+    """Hide the per-batch hooks that ``type(callback)`` inherits unchanged from :class:`~lightning.pytorch.Callback`.
+
+    Lightning's dispatcher (``trainer/call.py: _call_callback_hooks``) calls every hook on every callback: for each it
+    builds a profiler context and the callback's ``state_key`` even when the hook is the base class's no-op, about
+    3-5 us of host time a call, six calls per training step per callback. It skips an attribute that is not
+    callable, so an instance attribute ``None`` over each inherited no-op removes those calls: 30 of the 36 dispatches
+    a step for the six recipe callbacks (measured: -0.17 ms on a 4.9 ms CPU step, ``benchmarks/overhead.py``).
+
+    Only the instance is touched: a subclass that overrides a hook keeps it (the check is on ``type(callback)``), and
+    ``super().<hook>(...)`` inside such an override still resolves to the class's method.
+    """
+    cls = type(callback)
+    for name in PER_BATCH_HOOKS:
+        if getattr(cls, name, None) is getattr(pl.Callback, name):
+            setattr(callback, name, None)
