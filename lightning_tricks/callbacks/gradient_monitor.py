@@ -119,7 +119,15 @@ class GradientMonitor(pl.Callback):
         self._stack_into_row = all(p.dtype == torch.float32 for p in self.layout.params)
         self._group_of = np.asarray(self.layout.group_of)
         self._row_steps: list[int] = []
+        self._rows = list(self._hist.unbind(0))  # row views made once: a list index per step, not a tensor index
         self._cpu_view = self._hist.numpy() if device.type == "cpu" else None
+        # memoryviews of the rows, made once: the per-step finite check is then one Python sum over floats
+        self._cpu_rows = [memoryview(r) for r in self._cpu_view] if self._cpu_view is not None else None
+        # Fixed for the fit, read once here rather than through Trainer properties every step.
+        self._every = capacity
+        self._single = trainer.world_size == 1
+        self._step_scaler = self._scaler(trainer)
+        self._first_optimizer: Any = None
         if device.type == "cuda" and trainer.world_size == 1:
             self._flag_host = torch.zeros(params, dtype=torch.float32, pin_memory=True)
             self._flag_view = self._flag_host.numpy()  # made once: reading it later is no tensor op
@@ -152,31 +160,35 @@ class GradientMonitor(pl.Callback):
 
     # ------------------------------------------------------------------ per step: two calls, no host read
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if optimizer is not trainer.optimizers[0] or self.stopped_step is not None:
-            return  # one record per step: all gradients are read at the first optimizer's step
+        if optimizer is not self._first_optimizer:  # one record per step, at the first optimizer's step
+            if optimizer is not trainer.optimizers[0]:
+                return
+            self._first_optimizer = optimizer
+        if self.stopped_step is not None:
+            return
         params = self.layout.params
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return
         row = len(self._row_steps)
         norms = torch._foreach_norm(grads)
-        scaler = self._scaler(trainer)
+        scaler = self._step_scaler
         if self._self_unscaling and scaler is not None:  # the optimizer unscales inside step(): do it here
             norms = [torch.stack(norms).float() / scaler._scale.to(self._device)]
         if len(grads) != len(params):  # rare: some parameters got no gradient this step (their norm counts as 0)
             keep = torch.tensor([i for i, p in enumerate(params) if p.grad is not None], device=self._device)
-            self._hist[row].index_copy_(0, keep, torch.cat([n.reshape(-1).float() for n in norms]))
+            self._rows[row].index_copy_(0, keep, torch.cat([n.reshape(-1).float() for n in norms]))
         elif self._stack_into_row and len(norms) == len(params):
-            torch.stack(norms, out=self._hist[row])
+            torch.stack(norms, out=self._rows[row])
         else:
-            self._hist[row].copy_(torch.cat([n.reshape(-1) for n in norms]))
+            self._rows[row].copy_(torch.cat([n.reshape(-1) for n in norms]))
         step = trainer.global_step
         self._row_steps.append(step)
-        if scaler is None and trainer.world_size == 1:
-            if self._cpu_view is not None:  # CPU: the buffer is host memory already
+        if scaler is None and self._single:
+            if self._cpu_rows is not None:  # CPU: the buffer is host memory already
                 # The sum of a row of norms (all >= 0, summed in float64) is finite exactly when every norm is; a
                 # plain Python sum over a memoryview is about 10x cheaper than a numpy call.
-                if not math.isfinite(sum(memoryview(self._cpu_view[row]))):
+                if not math.isfinite(sum(self._cpu_rows[row])):
                     self._handle_nonfinite(trainer, pl_module, self._host_rows(), before_update=True)
                     if self.stopped_step is not None:
                         return
@@ -184,11 +196,11 @@ class GradientMonitor(pl.Callback):
                 # One copy in flight at a time (a step whose copy is skipped is still read at the logging step): the
                 # first non-finite step is reported with its own number, and the pinned row is never overwritten
                 # while the host may read it.
-                self._flag_host.copy_(self._hist[row], non_blocking=True)
+                self._flag_host.copy_(self._rows[row], non_blocking=True)
                 self._event.record()
                 self._flag_event = self._event
                 self._flag_step = step
-        if (step + 1) % self._interval(trainer) == 0 or row + 1 == len(self._hist):
+        if (step + 1) % self._every == 0 or row + 1 == len(self._rows):
             self._log(trainer, pl_module)
 
     def _check_flag(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -123,7 +123,6 @@ class Mixup(TrickCallback):
             self._key, self._bitgen = key, np.random.Philox(key=key)
             self._gen = np.random.Generator(self._bitgen)
             self._state = self._bitgen.state
-            self._blocks: dict[tuple[Any, ...], dict[str, Any]] = {}
         counter = trainer.fit_loop.epoch_loop.batch_progress.total.ready
         state = self._state
         state["state"]["counter"][:] = (0, counter // _BLOCK, 1, 0) if block else (0, counter, 0, 0)
@@ -136,24 +135,23 @@ class Mixup(TrickCallback):
         """``(keep, use_cut, lam, box, index)`` of this batch in ``"batch"`` mode.
 
         Drawn for ``_BLOCK`` batches at once (vectorised NumPy, one host-to-device copy of the block's permutations)
-        and read by row: per batch, a row select instead of a handful of NumPy calls and a transfer. The block
-        depends only on (seed, rank, batch counter // _BLOCK, batch size, input shape): exact on resume.
+        and kept as one ready tuple per batch: per batch, a list index instead of a handful of NumPy calls and a
+        transfer. The block depends only on (seed, rank, batch counter // _BLOCK, batch size, input shape): exact
+        on resume.
         """
         counter = trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        key = (self._stream_key(trainer), counter // _BLOCK, n, spatial, device)
-        block = getattr(self, "_blocks", {}).get(key)
-        if block is None:
-            block = self._draw_block(self._rng(trainer, block=True), n, spatial, device)
-            if len(self._blocks) >= 2:  # the last batch of an epoch may be smaller: keep both sizes' blocks
-                self._blocks.pop(next(iter(self._blocks)))
-            self._blocks[key] = block
-        i = counter % _BLOCK
-        use_cut = bool(block["use_cut"][i])
-        box = [(int(a[i]), int(b[i])) for a, b in block["box"]] if use_cut else None
-        return bool(block["keep"][i]), use_cut, float(block["lam"][i]), box, block["index"][i]
+        key = (self.seed, trainer.global_rank, counter // _BLOCK, n, spatial, device)
+        blocks = self.__dict__.setdefault("_blocks", {})
+        rows = blocks.get(key)
+        if rows is None:
+            rows = self._draw_block(self._rng(trainer, block=True), n, spatial, device)
+            if len(blocks) >= 2:  # the last batch of an epoch may be smaller: keep both sizes' blocks
+                blocks.pop(next(iter(blocks)))
+            blocks[key] = rows
+        return rows[counter % _BLOCK]
 
     def _draw_block(self, rng: np.random.Generator, n: int, spatial: tuple[int, ...],
-                    device: torch.device) -> dict[str, Any]:
+                    device: torch.device) -> list[tuple[bool, bool, float, list[tuple[int, int]] | None, Tensor]]:
         b = _BLOCK
         use_cut = (rng.random(b) < self.switch_prob) if self.cutmix_alpha > 0 and self.alpha > 0 \
             else np.full(b, self.cutmix_alpha > 0)
@@ -164,8 +162,10 @@ class Mixup(TrickCallback):
         box = sample_box(rng, spatial, lam_cut, self.cutmix_minmax, b) if use_cut.any() else None
         keep = rng.random(b) >= self.prob  # not mixed: lam = 1
         perms = np.argsort(rng.random((b, n)), axis=1)  # one uniform random permutation per row
-        return {"use_cut": use_cut, "lam": lam_mix, "box": box, "keep": keep,
-                "index": _to_device(torch.from_numpy(perms), device)}
+        index = _to_device(torch.from_numpy(perms), device).unbind(0)  # one view per batch, made once
+        cut_l = use_cut.tolist()
+        boxes = [[(int(a[i]), int(z[i])) for a, z in box] if box is not None and cut_l[i] else None for i in range(b)]
+        return list(zip(keep.tolist(), cut_l, lam_mix.tolist(), boxes, index))
 
     def _draw_per_sample(self, rng: np.random.Generator, n: int, spatial: tuple[int, ...]) -> dict[str, Any]:
         """``"elem"`` mode: per sample ``lam``, CutMix choice, box and keep decision, and the batch's pairing."""

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_tricks.callbacks._dispatch import skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_number
-from lightning_tricks.functional.schedules import resolve_start_factor, warmup_cosine
+from lightning_tricks.functional.schedules import _warmup_cosine, resolve_start_factor, warmup_cosine
 
 
 class WarmupCosine(pl.Callback):
@@ -163,8 +163,13 @@ class WarmupCosine(pl.Callback):
         if self.base_lrs is None:
             return
         step = trainer.global_step
-        if step != self._factor_step:  # hooks run several times per step: compute the factor once per step
-            self._factor, self._factor_step = self.lr_factor(step), step
+        if self._factor_step == -1:  # first step of a fit or of a resume: check the arguments once
+            self._factor = self.lr_factor(step)
+            self._start = resolve_start_factor(self.start_factor, self.warmup_steps or 0)
+        elif step != self._factor_step:  # arguments checked: the unchecked formula, once per step
+            assert self.planned_total is not None and self.warmup_steps is not None
+            self._factor = _warmup_cosine(step, self.planned_total, self.warmup_steps, self.min_lr_ratio, self._start)
+        self._factor_step = step
         factor = self._factor
         for opt, base in zip(trainer.optimizers, self.base_lrs):
             for group, lr in zip(opt.param_groups, base):
