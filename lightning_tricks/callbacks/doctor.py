@@ -141,12 +141,14 @@ class TrainingDoctor(pl.Callback):
         self._steps: list[int] = []
         self._chunks: list[Tensor] = []
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        self._step_of_batch = trainer.global_step  # the optimizer step this batch contributes to
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step_of_batch = trainer.global_step  # after a resume's restore: the step the first batch feeds
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        # The optimizer step this batch contributed to is the global step at the previous batch's end (the counter
+        # only moves inside a batch): one hook per batch instead of a batch-start hook as well.
+        step, self._step_of_batch = self._step_of_batch, trainer.global_step
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, Tensor):
             return  # a skipped step (training_step returned None)
@@ -159,7 +161,7 @@ class TrainingDoctor(pl.Callback):
             probe = loss.new_zeros((), dtype=torch.float32)
         self._losses.append(loss.detach())
         self._probes.append(probe)
-        self._steps.append(self._step_of_batch)
+        self._steps.append(step)
         if len(self._losses) == _CHUNK:
             self._stack_chunk()
 

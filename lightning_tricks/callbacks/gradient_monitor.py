@@ -128,6 +128,11 @@ class GradientMonitor(pl.Callback):
         self._single = trainer.world_size == 1
         self._step_scaler = self._scaler(trainer)
         self._first_optimizer: Any = None
+        # The batch-end hook only reads the GPU flag copy: elsewhere hide it from Lightning's dispatcher for this fit.
+        if device.type == "cuda" and self._single:
+            vars(self).pop("on_train_batch_end", None)
+        else:
+            self.on_train_batch_end = None  # type: ignore[assignment]
         if device.type == "cuda" and trainer.world_size == 1:
             self._flag_host = torch.zeros(params, dtype=torch.float32, pin_memory=True)
             self._flag_view = self._flag_host.numpy()  # made once: reading it later is no tensor op

@@ -9,7 +9,7 @@ from torch import Tensor
 from lightning_tricks.callbacks._base import TrickCallback
 from lightning_tricks.callbacks._dispatch import skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_choice, check_number
-from lightning_tricks.functional.targets import CONVENTIONS, smooth_soft, smoothed_one_hot
+from lightning_tricks.functional.targets import CONVENTIONS, smooth_soft, smoothed_one_hot, smoothing_table
 
 if TYPE_CHECKING:
     from lightning_tricks.mixin import TricksMixin
@@ -25,8 +25,9 @@ class LabelSmoothing(TrickCallback):
 
     Composes with :class:`Mixup`: a target is smoothed once, and smoothing commutes with mixing.
 
-    With class-index targets (and no ``ignore_index``) the smoothed targets are built directly, one fill and one
-    scatter (:func:`~lightning_tricks.functional.targets.smoothed_one_hot`), then the float32 soft cross-entropy.
+    With class-index targets (and no ``ignore_index``) the smoothed targets are one row gather from a ``(K, K)``
+    table of smoothed one-hot rows built once per class count and device
+    (:func:`~lightning_tricks.functional.targets.smoothing_table`), then the float32 soft cross-entropy.
     Measured inside a training step on the CPU, that is cheaper than torch's own
     ``F.cross_entropy(logits, y, label_smoothing=eps)`` (loss and backward: about 0.04 ms less per step).
 
@@ -53,4 +54,8 @@ class LabelSmoothing(TrickCallback):
     def tricks_soft_from_indices(self, pl_module: TricksMixin, target: Tensor, num_classes: int) -> Tensor | None:
         if target.ndim != 1 or (self.convention == "others" and num_classes < 2):
             return None  # the general path raises the clear errors
-        return smoothed_one_hot(target, num_classes, self.smoothing, self.convention)
+        key = (num_classes, target.device, self.smoothing, self.convention)  # a changed smoothing gets a new table
+        table = self.__dict__.setdefault("_tables", {}).get(key)
+        if table is None:
+            table = self._tables[key] = smoothing_table(num_classes, self.smoothing, self.convention, target.device)
+        return smoothed_one_hot(target, num_classes, self.smoothing, self.convention, table)

@@ -175,13 +175,11 @@ class WarmupCosine(pl.Callback):
             for group, lr in zip(opt.param_groups, base):
                 group["lr"] = lr * factor
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        self._apply(trainer)
-
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._apply(trainer)  # ready for the next step, before any other callback's batch-start hook reads it
+        # The lr of the next step, set as soon as the counter moves (Lightning steps its own schedulers here too):
+        # ready before any callback's batch-start hook reads it. ``on_train_start`` sets the first (or resumed) one.
+        self._apply(trainer)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

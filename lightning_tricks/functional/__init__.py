@@ -20,6 +20,7 @@ from lightning_tricks.functional.schedules import (
 from lightning_tricks.functional.targets import (
     smooth_targets,
     smoothed_one_hot,
+    smoothing_table,
     soft_cross_entropy,
     to_soft_targets,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "sample_lambda",
     "smooth_targets",
     "smoothed_one_hot",
+    "smoothing_table",
     "soft_cross_entropy",
     "soft_distillation_loss",
     "step_decay",

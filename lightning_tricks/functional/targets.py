@@ -27,6 +27,7 @@ __all__ = [
     "smooth_soft",
     "smooth_targets",
     "smoothed_one_hot",
+    "smoothing_table",
     "soft_cross_entropy",
     "to_soft_targets",
 ]
@@ -133,22 +134,35 @@ def smooth_targets(
     return smooth_soft(soft, smoothing, convention, rows_sum_to_one=exact_rows)
 
 
-def smoothed_one_hot(target: Tensor, num_classes: int, smoothing: float, convention: str = "uniform") -> Tensor:
-    """:func:`smooth_targets` for class indices ``(N,)`` with no ignored sample, in two kernels (fill and scatter).
+def smoothing_table(num_classes: int, smoothing: float, convention: str = "uniform",
+                    device: torch.device | str | None = None) -> Tensor:
+    """The ``(K, K)`` float32 table whose row ``c`` is the smoothed one-hot target of class ``c``.
 
-    Every entry starts at the wrong classes' share (``eps / K``, or ``eps / (K - 1)`` for ``"others"``) and the
-    right class is set to its own (``1 - eps + eps / K``, or ``1 - eps``). Arguments are not checked (a per-step
-    path: check them once with ``check_number``/``check_choice``); out-of-range indices raise as in
-    :func:`to_soft_targets`.
+    Off the diagonal every entry is the wrong classes' share (``eps / K``, or ``eps / (K - 1)`` for ``"others"``),
+    on it the right class's (``1 - eps + eps / K``, or ``1 - eps``). Smoothed targets of class indices are then one
+    row gather, ``table.index_select(0, target)``: what :func:`smoothed_one_hot` does, and what
+    :class:`~lightning_tricks.LabelSmoothing` does with a table it builds once. Arguments are not checked.
     """
     if convention == "uniform":
         spread, right = smoothing / num_classes, 1.0 - smoothing + smoothing / num_classes
     else:
         spread, right = smoothing / (num_classes - 1), 1.0 - smoothing
-    soft = torch.full((target.shape[0], num_classes), spread, dtype=torch.float32, device=target.device)
+    return torch.full((num_classes, num_classes), spread, dtype=torch.float32, device=device).fill_diagonal_(right)
+
+
+def smoothed_one_hot(target: Tensor, num_classes: int, smoothing: float, convention: str = "uniform",
+                     table: Tensor | None = None) -> Tensor:
+    """:func:`smooth_targets` for class indices ``(N,)`` with no ignored sample, in one row gather.
+
+    ``table`` is :func:`smoothing_table` (built here when not given: per-step callers pass one they keep).
+    Arguments are not checked (a per-step path: check them once with ``check_number``/``check_choice``);
+    out-of-range indices raise as in :func:`to_soft_targets`.
+    """
+    if table is None:
+        table = smoothing_table(num_classes, smoothing, convention, target.device)
     try:
-        return soft.scatter_(1, target.unsqueeze(1), right)
-    except RuntimeError:
+        return table.index_select(0, target)
+    except (IndexError, RuntimeError):
         raise _range_error(target, num_classes, None) from None
 
 
