@@ -17,9 +17,10 @@ A user may override any step and still call ``self.tricks_loss(logits, y)``.
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor
 
 from lightning_tricks.functional.targets import soft_cross_entropy, to_soft_targets
@@ -29,7 +30,33 @@ if TYPE_CHECKING:
 
 __all__ = ["TricksMixin"]
 
-_TRICKS_CACHE: weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], list[TrickCallback]]] = weakref.WeakKeyDictionary()
+
+class _Plan(NamedTuple):
+    """The trick callbacks of one Trainer's callback list, in seam order, and those of each kind."""
+
+    key: tuple[int, ...]
+    tricks: list[TrickCallback]
+    batch: list[TrickCallback]
+    target: list[TrickCallback]
+    loss: list[TrickCallback]
+
+
+# Per Trainer and callback list (the seam and the loss read it every training step), keyed weakly by the Trainer and
+# kept outside the module, so that deep copies and pickles of the module (EMA, SWA) do not carry the callbacks.
+_PLANS: weakref.WeakKeyDictionary[Any, _Plan] = weakref.WeakKeyDictionary()
+
+
+def _plan(trainer: Any) -> _Plan:
+    from lightning_tricks.callbacks._base import TrickCallback
+
+    key = tuple(map(id, trainer.callbacks))
+    plan = _PLANS.get(trainer)
+    if plan is None or plan.key != key:
+        tricks = sorted((cb for cb in trainer.callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
+        plan = _PLANS[trainer] = _Plan(key, tricks, [cb for cb in tricks if cb.transforms_batch],
+                                       [cb for cb in tricks if cb.transforms_target],
+                                       [cb for cb in tricks if cb.transforms_loss])
+    return plan
 
 
 class TricksMixin:
@@ -48,23 +75,21 @@ class TricksMixin:
 
     # ----------------------------------------------------------------------------------- helpers
     def _tricks(self) -> list[TrickCallback]:
-        from lightning_tricks.callbacks._base import TrickCallback
-
+        """The trick callbacks of the attached Trainer, in seam order."""
         trainer = getattr(self, "_trainer", None)
-        if trainer is None:
-            return []
-        # Cached per trainer and callback list (this runs twice per training step), keyed weakly by the trainer and
-        # outside the module, so that deep copies and pickles of the module (EMA, SWA) do not carry the callbacks.
-        key = tuple(map(id, trainer.callbacks))
-        cached = _TRICKS_CACHE.get(trainer)
-        if cached is None or cached[0] != key:
-            tricks = sorted((cb for cb in trainer.callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
-            cached = _TRICKS_CACHE[trainer] = (key, tricks)
-        return cached[1]
+        return [] if trainer is None else _plan(trainer).tricks
 
     def _tricks_fitting_train_batch(self) -> bool:
+        return self._train_plan() is not None
+
+    def _train_plan(self) -> _Plan | None:
+        """The cached plan while fitting a training batch, else ``None``."""
         trainer = getattr(self, "_trainer", None)
-        return trainer is not None and trainer.training and not trainer.sanity_checking
+        # `trainer.training and not trainer.sanity_checking`, by identity: those properties compare through a
+        # Python-level StrEnum __eq__, and this runs twice per step. The TRAINING stage is never the sanity check.
+        if trainer is None or trainer.state.stage is not RunningStage.TRAINING:
+            return None
+        return _plan(trainer)
 
     def tricks_unpack(self, batch: Any) -> tuple[Tensor, Tensor]:
         """Split a batch into ``(inputs, targets)``. Override for other batch layouts."""
@@ -88,13 +113,11 @@ class TricksMixin:
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Run the trick callbacks' batch transforms (training batches of ``fit`` only)."""
         batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]
-        if not self._tricks_fitting_train_batch():
-            return batch
-        tricks = [cb for cb in self._tricks() if cb.transforms_batch]
-        if not tricks:
+        plan = self._train_plan()
+        if plan is None or not plan.batch:
             return batch
         x, y = self.tricks_unpack(batch)
-        for cb in tricks:
+        for cb in plan.batch:
             x = cb.tricks_transform_batch(self, x, y)
         return self.tricks_pack(batch, x, y)
 
@@ -108,31 +131,32 @@ class TricksMixin:
         ``F.cross_entropy(logits, target)``, exactly what a plain module computes. The effective targets are
         kept in ``self.tricks_targets`` for metrics.
         """
-        tricks = self._tricks() if self._tricks_fitting_train_batch() else []
-        target_tricks = [cb for cb in tricks if cb.transforms_target]
-        if target_tricks:
+        plan = self._train_plan()
+        # Set through __dict__: nn.Module.__setattr__ looks through parameters, buffers and submodules first.
+        state = self.__dict__
+        if plan is not None and plan.target:
             soft = None
             if self.ignore_index is None and not target.is_floating_point():
-                # the first trick may build its soft targets straight from the indices (label smoothing: 2 kernels)
-                soft = target_tricks[0].tricks_soft_from_indices(self, target, logits.shape[-1])
-            rest = target_tricks if soft is None else target_tricks[1:]
+                # the first trick may build its soft targets straight from the indices (label smoothing: 1 gather)
+                soft = plan.target[0].tricks_soft_from_indices(self, target, logits.shape[-1])
+            rest = plan.target if soft is None else plan.target[1:]
             if soft is None:
                 soft = to_soft_targets(target, logits.shape[-1], self.ignore_index)
             for cb in rest:
                 soft = cb.tricks_transform_target(self, soft)
-            self.tricks_targets = soft
+            state["tricks_targets"] = soft
             loss = soft_cross_entropy(logits, soft, self.ignore_index)
         else:
-            self.tricks_targets = target
+            state["tricks_targets"] = target
             if target.is_floating_point():
                 loss = soft_cross_entropy(logits, target, self.ignore_index)
             elif self.ignore_index is None:
                 loss = F.cross_entropy(logits, target)
             else:
                 loss = F.cross_entropy(logits, target, ignore_index=self.ignore_index)
-        for cb in tricks:
-            if cb.transforms_loss:
-                loss = cb.tricks_transform_loss(self, logits, self.tricks_targets, loss)
+        if plan is not None:
+            for cb in plan.loss:
+                loss = cb.tricks_transform_loss(self, logits, state["tricks_targets"], loss)
         return loss
 
     # ----------------------------------------------------------------------------------- default steps

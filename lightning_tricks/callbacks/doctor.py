@@ -152,7 +152,7 @@ class TrainingDoctor(pl.Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, Tensor):
             return  # a skipped step (training_step returned None)
-        tensors = [t for t in _tensors(batch) if t.is_floating_point()]
+        tensors = _float_tensors(batch)
         if len(tensors) == 1:
             probe = tensors[0].sum(dtype=torch.float32)
         elif tensors:
@@ -369,11 +369,16 @@ def _metric(m: dict[str, Tensor], key: str) -> float | None:
     return None if v is None else float(v)
 
 
-def _tensors(batch: Any) -> list[Tensor]:
+def _float_tensors(batch: Any) -> list[Tensor]:
+    """The floating-point tensors of a batch (nested lists, tuples and dicts), in order."""
     if isinstance(batch, Tensor):
-        return [batch]
-    if isinstance(batch, (list, tuple)):
-        return [t for b in batch for t in _tensors(b)]
-    if isinstance(batch, dict):
-        return [t for b in batch.values() for t in _tensors(b)]
-    return []
+        return [batch] if batch.is_floating_point() else []
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    out: list[Tensor] = []
+    for b in items:  # the usual (x, y) batch: one pass, no recursion
+        if isinstance(b, Tensor):
+            if b.is_floating_point():
+                out.append(b)
+        else:
+            out.extend(_float_tensors(b))
+    return out
