@@ -13,7 +13,9 @@ Configurations (each a fresh Trainer, run interleaved over repeats so that machi
 * on request, one callback each: ``schedule``, ``smoothing``, ``mixup_only``, ``early_stopping``, ``doctor``.
 
 CPU: step time = time between consecutive ``on_train_batch_end`` calls (so data transfer and the batch seam are
-inside); the median over non-logging steps after warm-up is reported, and ratios are to ``plain``.
+inside); each run's median over non-logging steps after warm-up is divided by that of the ``plain`` run of the same
+repeat, and the median and quartiles of these paired ratios are reported (whole runs on a shared 2-core VM differ by
+up to 10 %, in slow and fast spells, far more than the callbacks cost); also the pooled median step time.
 
 GPU: training throughput, the way a real run sees it: the host runs ahead of the device and nothing synchronizes per
 step, so host work that overlaps device work costs nothing. One ``torch.cuda.synchronize()`` after the warm-up steps
@@ -233,7 +235,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default 120 on GPU, 150 on CPU)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3 on GPU, 20 on CPU)")
     ap.add_argument("--warmup", type=int, default=15, help="leading steps dropped from each run")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *SINGLE])
@@ -243,6 +245,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     device = args.device
     steps = args.steps or (120 if device == "cuda" else 150)
+    args.repeats = args.repeats or (3 if device == "cuda" else 20)
     precision = "bf16-mixed" if device == "cuda" else "32-true"
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -260,6 +263,8 @@ def main() -> None:
         syncs: dict[str, list[int]] = {c: [] for c in args.configs}
         log_syncs: dict[str, list[int]] = {c: [] for c in args.configs}
         windows: dict[str, list[float]] = {c: [] for c in args.configs}  # GPU: ms/step of each repeat's window
+        rep_med: dict[str, list[float]] = {c: [] for c in args.configs}  # CPU: each repeat's median step
+        rep_mean: dict[str, list[float]] = {c: [] for c in args.configs}  # CPU: each repeat's mean, logging included
         run_one(w, "plain", device, 20, precision, args.log_every)  # warm-up: cudnn autotune, allocator
         for r in range(args.repeats):
             for c in (args.configs if r % 2 == 0 else args.configs[::-1]):  # alternate the order: drift hits all
@@ -271,6 +276,8 @@ def main() -> None:
                 rows = timer.rows[args.warmup:]
                 times[c] += [t for t, _, logging in rows if not logging]
                 all_times[c] += [t for t, _, _ in rows]
+                rep_med[c].append(statistics.median([t for t, _, logging in rows if not logging]))
+                rep_mean[c].append(statistics.fmean([t for t, _, _ in rows]))
                 syncs[c] += [s for _, s, logging in rows if not logging]
                 log_syncs[c] += [s for _, s, logging in rows if logging]
         lines.append(f"### {w['name']}")
@@ -291,17 +298,25 @@ def main() -> None:
                 entry[c] = {"window_ms": med, "ratio": ratio, "repeats_ms": windows[c], "syncs_per_step": s,
                             "syncs_logging": ls, "n_steps": len(syncs[c])}
         else:
+            # Runs of one configuration differ by up to 10 % on a shared 2-core VM (slow and fast spells), so the
+            # ratio is taken per repeat, against the plain run next to it, and summarised by the median and the
+            # quartiles of those paired ratios.
             base = statistics.median(times["plain"]) if "plain" in times else None
-            base_mean = statistics.fmean(all_times["plain"]) if "plain" in all_times else None
-            lines.append("| config | median step ms | ratio to plain | mean ms, logging steps included | ratio |")
-            lines.append("|---|---|---|---|---|")
+            lines.append("| config | median step ms | added ms | ratio to plain (median of paired repeats) | "
+                         "quartiles of the paired ratios | same, mean step incl. logging steps |")
+            lines.append("|---|---|---|---|---|---|")
             for c in args.configs:
                 med = statistics.median(times[c])
-                ratio = med / base if base else float("nan")
-                mean = statistics.fmean(all_times[c])
-                mean_ratio = mean / base_mean if base_mean else float("nan")
-                lines.append(f"| {c} | {1e3 * med:.2f} | {ratio:.3f}x | {1e3 * mean:.2f} | {mean_ratio:.3f}x |")
-                entry[c] = {"median_ms": 1e3 * med, "ratio": ratio, "mean_ms": 1e3 * mean, "mean_ratio": mean_ratio,
+                paired = [a / b for a, b in zip(rep_med[c], rep_med.get("plain", []))]
+                paired_mean = [a / b for a, b in zip(rep_mean[c], rep_mean.get("plain", []))]
+                ratio = statistics.median(paired) if paired else float("nan")
+                quart = statistics.quantiles(paired, n=4) if len(paired) > 1 else [ratio, ratio, ratio]
+                mean_ratio = statistics.median(paired_mean) if paired_mean else float("nan")
+                added = 1e3 * (med - base) if base else float("nan")
+                lines.append(f"| {c} | {1e3 * med:.2f} | {added:+.2f} | {ratio:.3f}x | {quart[0]:.3f}-{quart[2]:.3f} | "
+                             f"{mean_ratio:.3f}x |")
+                entry[c] = {"median_ms": 1e3 * med, "added_ms": added, "ratio": ratio, "ratio_quartiles": quart,
+                            "mean_ratio": mean_ratio, "repeat_medians_ms": [1e3 * v for v in rep_med[c]],
                             "n": len(times[c])}
         results["workloads"][w["name"]] = entry
         if device == "cuda":

@@ -313,7 +313,8 @@ class GradientMonitor(pl.Callback):
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        values = torch.tensor(list(metrics.values())).unbind(0)  # one tensor, one 0-d view per key
+        trainer.callback_metrics.update(zip(metrics.keys(), values))
 
     def _update_health(self, trainer: pl.Trainer, metrics: dict[str, float], norms: np.ndarray) -> None:
         """Vanishing/exploding groups against their own early-run level (host-side, on the interval's rows)."""
