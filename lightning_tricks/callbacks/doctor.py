@@ -154,12 +154,13 @@ class TrainingDoctor(pl.Callback):
             return  # a skipped step (training_step returned None)
         tensors = _float_tensors(batch)
         if len(tensors) == 1:
-            probe = tensors[0].sum(dtype=torch.float32)
+            x = tensors[0]
+            probe = x.sum() if x.dtype == torch.float32 else x.sum(dtype=torch.float32)
         elif tensors:
             probe = torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum()
         else:
             probe = loss.new_zeros((), dtype=torch.float32)
-        self._losses.append(loss.detach())
+        self._losses.append(loss.detach() if loss.requires_grad else loss)  # Lightning's outputs are detached
         self._probes.append(probe)
         self._steps.append(step)
         if len(self._losses) == _CHUNK:
