@@ -185,6 +185,54 @@ class StepTimer(pl.Callback):
             self.window_steps = len(self.rows) - self.warmup
 
 
+class Toggle(pl.Callback):
+    """Switch between ``plain`` and a configuration every ``block`` steps inside one run (``--toggle``; CPU).
+
+    Put it after the :class:`StepTimer`. At a block boundary it swaps the Trainer's callback list (a new list: the
+    dispatcher finishes the current hook on the old one) and the module's ``variant``, so the next step runs entirely
+    in the other mode. Each timed row is tagged with the mode it ran in.
+    """
+
+    def __init__(self, config: str, callbacks: list[pl.Callback], timer: StepTimer, block: int) -> None:
+        self.config, self.tricks, self.timer, self.block = config, callbacks, timer, block
+        self.mode = config  # the callbacks are there at the start, so that their setup hooks run
+        self.modes: list[str] = []  # one per timed row
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.modes.append(self.mode)
+        if len(self.modes) % self.block == 0:
+            self.mode = self.config if self.mode == "plain" else "plain"
+            rest = [cb for cb in trainer.callbacks if cb not in self.tricks]
+            trainer.callbacks = self.tricks + rest if self.mode != "plain" else rest
+            pl_module.variant = self.mode
+
+
+def run_toggled(w: dict[str, Any], config: str, steps: int, block: int, log_every: int) -> tuple[float, float]:
+    """One CPU run alternating ``plain`` and ``config`` every ``block`` steps: their median step times (s).
+
+    The first step of every block is left out (it carries the switch), and so are logging steps. Alternating every
+    few steps inside one run cancels the VM's slow speed swings (5-6 % between half-second windows on the 2-core
+    VM), which separate runs cannot.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(*w["shape"])
+    y = torch.randint(0, w["classes"], (w["shape"][0],))
+    model = Net(w["make"](), w["classes"], config, w["channels_last"])
+    timer = StepTimer(cuda=False, warmup=0)
+    tricks = callbacks_for(config)
+    toggle = Toggle(config, tricks, timer, block)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         log_every_n_steps=log_every, default_root_dir=tempfile.mkdtemp(prefix="lt-bench-"),
+                         callbacks=[*tricks, timer, toggle])
+    trainer.fit(model, DataLoader(Batches(x, y, steps), batch_size=None))
+    kept: dict[str, list[float]] = {"plain": [], config: []}
+    for i, ((t, _, logging), mode) in enumerate(zip(timer.rows, toggle.modes)):
+        if i >= 2 * block and i % block != 0 and not logging:
+            kept[mode].append(t)
+    return statistics.median(kept["plain"]), statistics.median(kept[config])
+
+
 def callbacks_for(config: str) -> list[pl.Callback]:
     if config in SINGLE:
         return SINGLE[config]()

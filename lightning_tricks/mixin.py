@@ -19,6 +19,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import torch
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor
@@ -39,6 +40,7 @@ class _Plan(NamedTuple):
     batch: list[TrickCallback]
     target: list[TrickCallback]
     loss: list[TrickCallback]
+    tables: dict[Any, Tensor]  # (num_classes, device) -> identity table: one-hot rows by one gather
 
 
 # Per Trainer and callback list (the seam and the loss read it every training step), keyed weakly by the Trainer and
@@ -55,8 +57,15 @@ def _plan(trainer: Any) -> _Plan:
         tricks = sorted((cb for cb in trainer.callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
         plan = _PLANS[trainer] = _Plan(key, tricks, [cb for cb in tricks if cb.transforms_batch],
                                        [cb for cb in tricks if cb.transforms_target],
-                                       [cb for cb in tricks if cb.transforms_loss])
+                                       [cb for cb in tricks if cb.transforms_loss], {})
     return plan
+
+
+def _gather_rows(table: Tensor, target: Tensor) -> Tensor:
+    try:
+        return table.index_select(0, target)
+    except (IndexError, RuntimeError):
+        return to_soft_targets(target, table.shape[0], None)  # raises its clear out-of-range error
 
 
 class TricksMixin:
@@ -72,6 +81,10 @@ class TricksMixin:
     #: Show the step's ``train_loss`` in the progress bar. Off by default: Lightning converts progress-bar values
     #: with ``.item()`` on every step, a host-device sync per step on a GPU.
     tricks_progress_bar_loss: bool = False
+    #: Set by :meth:`tricks_loss`: the effective targets (indices or float32 soft targets) and, when known without
+    #: an argmax, the dominant class of each (an index tensor; ``None`` otherwise).
+    tricks_targets: Tensor
+    tricks_hard_targets: Tensor | None = None
 
     # ----------------------------------------------------------------------------------- helpers
     def _tricks(self) -> list[TrickCallback]:
@@ -129,25 +142,41 @@ class TricksMixin:
         :func:`~lightning_tricks.functional.soft_cross_entropy` in float32; loss tricks (distillation) then
         combine it with their own term. Otherwise, and whenever no trick is attached, it is
         ``F.cross_entropy(logits, target)``, exactly what a plain module computes. The effective targets are
-        kept in ``self.tricks_targets`` for metrics.
+        kept in ``self.tricks_targets`` for metrics, and their dominant classes in ``self.tricks_hard_targets``
+        (class indices, or ``None`` where only an argmax of ``tricks_targets`` can tell).
         """
         plan = self._train_plan()
         # Set through __dict__: nn.Module.__setattr__ looks through parameters, buffers and submodules first.
         state = self.__dict__
         if plan is not None and plan.target:
             soft = None
-            if self.ignore_index is None and not target.is_floating_point():
+            indices = self.ignore_index is None and not target.is_floating_point() and target.ndim == 1
+            num_classes = logits.shape[-1]
+            if indices:
                 # the first trick may build its soft targets straight from the indices (label smoothing: 1 gather)
-                soft = plan.target[0].tricks_soft_from_indices(self, target, logits.shape[-1])
+                soft = plan.target[0].tricks_soft_from_indices(self, target, num_classes)
             rest = plan.target if soft is None else plan.target[1:]
-            if soft is None:
-                soft = to_soft_targets(target, logits.shape[-1], self.ignore_index)
+            if soft is None and indices:  # one-hot rows by one gather from a cached identity table
+                table = plan.tables.get((num_classes, target.device))
+                if table is None:
+                    table = plan.tables[(num_classes, target.device)] = torch.eye(num_classes, device=target.device)
+                soft = _gather_rows(table, target)
+            elif soft is None:
+                soft = to_soft_targets(target, num_classes, self.ignore_index)
             for cb in rest:
                 soft = cb.tricks_transform_target(self, soft)
+            # The dominant class of each effective target, when every trick can say it without an argmax.
+            hard: Tensor | None = target if indices else None
+            for cb in plan.target:
+                if hard is None:
+                    break
+                hard = cb.tricks_dominant_class(self, hard, num_classes)
             state["tricks_targets"] = soft
+            state["tricks_hard_targets"] = hard
             loss = soft_cross_entropy(logits, soft, self.ignore_index)
         else:
             state["tricks_targets"] = target
+            state["tricks_hard_targets"] = None if target.is_floating_point() else target
             if target.is_floating_point():
                 loss = soft_cross_entropy(logits, target, self.ignore_index)
             elif self.ignore_index is None:
@@ -164,9 +193,12 @@ class TricksMixin:
         x, y = self.tricks_unpack(batch)
         logits = self(x)  # type: ignore[operator]
         loss = self.tricks_loss(logits, y)
-        target = self.tricks_targets
-        # Accuracy against the argmax of the effective (possibly mixed) target: the dominant class.
-        hard = target.argmax(dim=-1) if target.is_floating_point() else target
+        # Accuracy against the dominant class of the effective (possibly mixed) target: said by the tricks when
+        # they can (no argmax over the soft targets), else the argmax.
+        hard = self.tricks_hard_targets
+        if hard is None:
+            target = self.tricks_targets
+            hard = target.argmax(dim=-1) if target.is_floating_point() else target
         active = hard != self.ignore_index if self.ignore_index is not None else None
         correct = (logits.argmax(dim=-1) == hard).float()
         acc = correct.mean() if active is None else (correct * active).sum() / active.sum().clamp_min(1)

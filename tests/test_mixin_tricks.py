@@ -67,7 +67,8 @@ class Probe(TinyNet):
         mix = next((cb for cb in self.trainer.callbacks if isinstance(cb, Mixup)), None)
         self.records.append(dict(x0=self._original[0], y0=self._original[1], x=x.detach().clone(), y=y,
                                  logits=logits.detach().float(), loss=loss.detach(), target=self.tricks_targets,
-                                 pending=None if mix is None else mix._pending, epoch=self.current_epoch))
+                                 hard=self.tricks_hard_targets, pending=None if mix is None else mix._pending,
+                                 epoch=self.current_epoch))
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -387,3 +388,46 @@ def test_batch_mode_block_draws() -> None:
     small = draw(mix, 5, n=5)  # an epoch's smaller last batch
     assert sorted(small[4]) == list(range(5))
     assert draw(mix, 6) == draws[6]  # the full-size block is still there
+
+
+@pytest.mark.parametrize(
+    ("callbacks", "expect_hard"),
+    [
+        (lambda: [LabelSmoothing(0.1)], True),
+        (lambda: [LabelSmoothing(0.3, convention="others")], True),
+        (lambda: [LabelSmoothing(0.9, convention="others")], False),  # the wrong classes overtake the label
+        (lambda: [Mixup(alpha=0.4)], True),  # alone: one-hot rows from the identity table
+        (lambda: [Mixup(alpha=0.4), LabelSmoothing(0.1)], True),
+        (lambda: [Mixup(alpha=0.4, cutmix_alpha=1.0, prob=0.8), LabelSmoothing(0.1)], True),
+        (lambda: [Mixup(alpha=0.4, mode="elem"), LabelSmoothing(0.1)], False),
+    ],
+)
+def test_dominant_class_without_argmax(callbacks: Any, expect_hard: bool) -> None:
+    """The tricks name each effective target's dominant class (for the default steps' accuracy) exactly where the
+    argmax of the soft targets would, or leave it to that argmax."""
+    model = Probe()
+    quiet_trainer(max_epochs=3, callbacks=callbacks()).fit(model, loader(64, 8, shuffle=True))
+    compared = 0
+    for r in model.records:
+        if not expect_hard:
+            assert r["hard"] is None
+            continue
+        top2 = r["target"].topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-6  # exact ties (lam = 1/2, or a sample paired with itself)
+        assert r["hard"] is not None and r["hard"].dtype == torch.long
+        assert torch.equal(r["hard"][clear], r["target"].argmax(-1)[clear])
+        compared += int(clear.sum())
+    if expect_hard:
+        assert compared > 0
+
+
+def test_mixup_alone_builds_one_hot_rows_and_checks_the_range() -> None:
+    model = Probe()
+    quiet_trainer(max_steps=4, callbacks=[Mixup(alpha=0.4)]).fit(model, loader(32, 8))
+    for r in model.records:
+        lam, idx = r["pending"]
+        want = mix_pair(F.one_hot(r["y0"], 4).float(), lam, idx)
+        torch.testing.assert_close(r["target"], want, atol=1e-7, rtol=0)
+    data = DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 1, 16), torch.full((8,), 4)), batch_size=4)
+    with pytest.raises(ValueError, match=r"target index 4 is out of range"):
+        quiet_trainer(max_steps=1, callbacks=[Mixup(alpha=0.4)]).fit(TinyNet(), data)

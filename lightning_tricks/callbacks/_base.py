@@ -64,6 +64,12 @@ class TrickCallback(pl.Callback):
         rows, built directly (fewer kernels), or ``None`` to take the general path."""
         return None
 
+    def tricks_dominant_class(self, pl_module: TricksMixin, hard: Tensor, num_classes: int) -> Tensor | None:
+        """Optional: the dominant class of each target after :meth:`tricks_transform_target`, given the dominant
+        classes ``hard`` before it (class indices), or ``None`` when only an argmax of the soft targets can tell
+        (the default). Lets the default steps compute the training accuracy without that argmax."""
+        return None
+
     def tricks_transform_loss(self, pl_module: TricksMixin, logits: Tensor, target: Tensor, loss: Tensor) -> Tensor:
         """Return the training loss, given the student's logits, the effective targets and the loss so far."""
         return loss

@@ -59,3 +59,10 @@ class LabelSmoothing(TrickCallback):
         if table is None:
             table = self._tables[key] = smoothing_table(num_classes, self.smoothing, self.convention, target.device)
         return smoothed_one_hot(target, num_classes, self.smoothing, self.convention, table)
+
+    def tricks_dominant_class(self, pl_module: TricksMixin, hard: Tensor, num_classes: int) -> Tensor | None:
+        # Smoothing keeps the labelled class on top unless the wrong classes' share overtakes it ("others" with
+        # eps >= (K - 1) / K); "uniform" always does (1 - eps + eps / K > eps / K).
+        if self.convention == "others" and 1.0 - self.smoothing <= self.smoothing / max(num_classes - 1, 1):
+            return None
+        return hard

@@ -222,6 +222,16 @@ class Mixup(TrickCallback):
         self._pending = (lam, index)
         return mixed
 
+    def tricks_dominant_class(self, pl_module: TricksMixin, hard: Tensor, num_classes: int) -> Tensor | None:
+        if self._pending is None:
+            return hard
+        lam, index = self._pending
+        if isinstance(lam, Tensor):
+            return None  # "elem" mode: one weight per sample, the argmax is as cheap
+        # lam * t_i + (1 - lam) * t_index[i] with the same smoothing on both: the partner's class wins below 1/2
+        # (at exactly 1/2 the argmax would pick the lower class index; lam is continuous)
+        return hard if lam >= 0.5 else hard.index_select(0, index)
+
     def tricks_transform_target(self, pl_module: TricksMixin, soft_target: Tensor) -> Tensor:
         if self._pending is None:
             return soft_target
