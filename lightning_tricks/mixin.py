@@ -49,11 +49,11 @@ _PLANS: weakref.WeakKeyDictionary[Any, _Plan] = weakref.WeakKeyDictionary()
 
 
 def _plan(trainer: Any) -> _Plan:
-    from lightning_tricks.callbacks._base import TrickCallback
-
     key = tuple(map(id, trainer.callbacks))
     plan = _PLANS.get(trainer)
     if plan is None or plan.key != key:
+        from lightning_tricks.callbacks._base import TrickCallback
+
         tricks = sorted((cb for cb in trainer.callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
         plan = _PLANS[trainer] = _Plan(key, tricks, [cb for cb in tricks if cb.transforms_batch],
                                        [cb for cb in tricks if cb.transforms_target],

@@ -181,7 +181,7 @@ class Mixup(TrickCallback):
 
     # ------------------------------------------------------------------ the seam
     def tricks_transform_batch(self, pl_module: TricksMixin, x: Tensor, y: Tensor) -> Tensor:
-        trainer = pl_module.trainer  # type: ignore[attr-defined]
+        trainer = pl_module._trainer  # type: ignore[attr-defined]  # (the property re-checks what the seam did)
         self._pending = None
         if self.stop_epoch is not None and trainer.current_epoch >= self.stop_epoch:
             return x
