@@ -16,6 +16,9 @@ CPU: step time = time between consecutive ``on_train_batch_end`` calls (so data 
 inside); each run's median over non-logging steps after warm-up is divided by that of the ``plain`` run of the same
 repeat, and the median and quartiles of these paired ratios are reported (whole runs on a shared 2-core VM differ by
 up to 10 %, in slow and fast spells, far more than the callbacks cost); also the pooled median step time.
+``--toggle BLOCK`` measures more precisely: one run per repeat that alternates ``plain`` and the configuration every
+BLOCK steps (swapping the callback list and the module's variant), so both see the same process, memory and VM
+speed; the first step of each block and the logging steps are left out.
 
 GPU: training throughput, the way a real run sees it: the host runs ahead of the device and nothing synchronizes per
 step, so host work that overlaps device work costs nothing. One ``torch.cuda.synchronize()`` after the warm-up steps
@@ -28,6 +31,7 @@ logging intervals and for logging steps separately.
 Usage::
 
     python benchmarks/overhead.py --device cpu                  # 2-core CPU: the MNIST-1D ConvBase, batch 100
+    python benchmarks/overhead.py --device cpu --toggle 10      # the same, alternating inside each run (precise)
     python benchmarks/overhead.py --device cuda --out results   # GPU: ResNet-18 @32 px/256, ResNet-50 @160 px/128
 """
 
@@ -289,12 +293,20 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *SINGLE])
     ap.add_argument("--out", type=Path, default=None, help="folder for overhead.json and overhead.md")
     ap.add_argument("--workloads", nargs="+", default=None, help="names of the workloads to run (default: all)")
+    ap.add_argument("--toggle", type=int, default=0, metavar="BLOCK",
+                    help="CPU: instead of separate runs, alternate plain and each configuration every BLOCK steps "
+                         "inside one run (600 steps a run unless --steps)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     device = args.device
     steps = args.steps or (120 if device == "cuda" else 150)
     args.repeats = args.repeats or (3 if device == "cuda" else 20)
     precision = "bf16-mixed" if device == "cuda" else "32-true"
+    if args.toggle:
+        if device != "cpu":
+            raise SystemExit("--toggle is for the CPU (a GPU run is measured by its throughput window)")
+        toggled(args)
+        return
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
     machine = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -380,6 +392,37 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "overhead.json").write_text(json.dumps(results, indent=1))
         (args.out / "overhead.md").write_text(text + "\n")
+
+
+def toggled(args: argparse.Namespace) -> None:
+    """``--toggle``: each configuration against ``plain`` inside the same runs (see :func:`run_toggled`)."""
+    steps = args.steps or 600
+    repeats = args.repeats
+    w = workloads("cpu")[0]
+    lines = [f"machine: CPU ({torch.get_num_threads()} threads); torch {torch.__version__}; lightning "
+             f"{pl.__version__}; 32-true; {steps} steps a run, plain and the configuration alternating every "
+             f"{args.toggle} steps; {repeats} runs per configuration; log_every_n_steps={args.log_every}", "",
+             f"### {w['name']} (in-run interleaved)", "",
+             "| config | plain step ms (median) | added ms (median) | ratio to plain (median of runs) | "
+             "range of the runs |", "|---|---|---|---|---|"]
+    results: dict[str, Any] = {"machine": f"CPU ({torch.get_num_threads()} threads)", "torch": torch.__version__,
+                               "lightning": pl.__version__, "steps": steps, "block": args.toggle,
+                               "repeats": repeats, "configs": {}}
+    for c in [c for c in args.configs if c != "plain"]:
+        pairs = [run_toggled(w, c, steps, args.toggle, args.log_every) for _ in range(repeats)]
+        ratios = [a / p for p, a in pairs]
+        plain_ms = statistics.median(1e3 * p for p, _ in pairs)
+        added = statistics.median(1e3 * (a - p) for p, a in pairs)
+        ratio = statistics.median(ratios)
+        lines.append(f"| {c} | {plain_ms:.2f} | {added:+.3f} | {ratio:.3f}x | {min(ratios):.3f}-{max(ratios):.3f} |")
+        results["configs"][c] = {"ratio": ratio, "ratios": ratios, "plain_ms": plain_ms, "added_ms": added}
+        print(lines[-1], flush=True)
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "overhead_toggled.json").write_text(json.dumps(results, indent=1))
+        (args.out / "overhead_toggled.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":
