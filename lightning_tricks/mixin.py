@@ -40,6 +40,7 @@ class _Plan(NamedTuple):
     batch: list[TrickCallback]
     target: list[TrickCallback]
     loss: list[TrickCallback]
+    eager: bool  # every target trick depends on the batch alone: soft targets may be built in the seam
     tables: dict[Any, Tensor]  # (num_classes, device) -> identity table: one-hot rows by one gather
 
 
@@ -57,7 +58,9 @@ def _plan(trainer: Any) -> _Plan:
         tricks = sorted((cb for cb in trainer.callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
         plan = _PLANS[trainer] = _Plan(key, tricks, [cb for cb in tricks if cb.transforms_batch],
                                        [cb for cb in tricks if cb.transforms_target],
-                                       [cb for cb in tricks if cb.transforms_loss], {})
+                                       [cb for cb in tricks if cb.transforms_loss],
+                                       any(cb.transforms_target for cb in tricks)
+                                       and all(cb.targets_before_forward for cb in tricks if cb.transforms_target), {})
     return plan
 
 
@@ -124,15 +127,54 @@ class TricksMixin:
 
     # ----------------------------------------------------------------------------------- the seam
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Run the trick callbacks' batch transforms (training batches of ``fit`` only)."""
+        """Run the trick callbacks' batch transforms (training batches of ``fit`` only).
+
+        When every target trick depends on the batch alone (label smoothing, mixing), their soft targets are built
+        here too, right after the batch transforms: the gathers and blends run while those kernels are warm (on a
+        CPU the first call of a kernel in a step costs 5-10x the next one). :meth:`tricks_loss` takes them when it
+        gets this batch's target tensor and the class count matches.
+        """
         batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]
         plan = self._train_plan()
-        if plan is None or not plan.batch:
+        if plan is None:
+            return batch
+        state = self.__dict__
+        state.pop("_tricks_eager", None)  # never a previous batch's
+        if not plan.batch and not plan.eager:
             return batch
         x, y = self.tricks_unpack(batch)
         for cb in plan.batch:
             x = cb.tricks_transform_batch(self, x, y)
-        return self.tricks_pack(batch, x, y)
+        num_classes = state.get("_tricks_num_classes")  # from the previous batch's logits
+        if plan.eager and num_classes is not None:
+            state["_tricks_eager"] = (y, num_classes, *self._tricks_soft_targets(plan, y, num_classes))
+        return self.tricks_pack(batch, x, y) if plan.batch else batch
+
+    def _tricks_soft_targets(self, plan: _Plan, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor | None]:
+        """The target tricks' float32 soft targets for ``target`` and, when known without an argmax, their dominant
+        classes."""
+        soft = None
+        indices = self.ignore_index is None and not target.is_floating_point() and target.ndim == 1
+        if indices:
+            # the first trick may build its soft targets straight from the indices (label smoothing: 1 gather)
+            soft = plan.target[0].tricks_soft_from_indices(self, target, num_classes)
+        rest = plan.target if soft is None else plan.target[1:]
+        if soft is None and indices:  # one-hot rows by one gather from a cached identity table
+            table = plan.tables.get((num_classes, target.device))
+            if table is None:
+                table = plan.tables[(num_classes, target.device)] = torch.eye(num_classes, device=target.device)
+            soft = _gather_rows(table, target)
+        elif soft is None:
+            soft = to_soft_targets(target, num_classes, self.ignore_index)
+        for cb in rest:
+            soft = cb.tricks_transform_target(self, soft)
+        # The dominant class of each effective target, when every trick can say it without an argmax.
+        hard: Tensor | None = target if indices else None
+        for cb in plan.target:
+            if hard is None:
+                break
+            hard = cb.tricks_dominant_class(self, hard, num_classes)
+        return soft, hard
 
     def tricks_loss(self, logits: Tensor, target: Tensor) -> Tensor:
         """Cross-entropy of ``logits`` against ``target`` as the attached tricks transform it.
@@ -149,28 +191,13 @@ class TricksMixin:
         # Set through __dict__: nn.Module.__setattr__ looks through parameters, buffers and submodules first.
         state = self.__dict__
         if plan is not None and plan.target:
-            soft = None
-            indices = self.ignore_index is None and not target.is_floating_point() and target.ndim == 1
             num_classes = logits.shape[-1]
-            if indices:
-                # the first trick may build its soft targets straight from the indices (label smoothing: 1 gather)
-                soft = plan.target[0].tricks_soft_from_indices(self, target, num_classes)
-            rest = plan.target if soft is None else plan.target[1:]
-            if soft is None and indices:  # one-hot rows by one gather from a cached identity table
-                table = plan.tables.get((num_classes, target.device))
-                if table is None:
-                    table = plan.tables[(num_classes, target.device)] = torch.eye(num_classes, device=target.device)
-                soft = _gather_rows(table, target)
-            elif soft is None:
-                soft = to_soft_targets(target, num_classes, self.ignore_index)
-            for cb in rest:
-                soft = cb.tricks_transform_target(self, soft)
-            # The dominant class of each effective target, when every trick can say it without an argmax.
-            hard: Tensor | None = target if indices else None
-            for cb in plan.target:
-                if hard is None:
-                    break
-                hard = cb.tricks_dominant_class(self, hard, num_classes)
+            eager = state.pop("_tricks_eager", None)
+            if eager is not None and eager[0] is target and eager[1] == num_classes:
+                soft, hard = eager[2], eager[3]
+            else:
+                soft, hard = self._tricks_soft_targets(plan, target, num_classes)
+            state["_tricks_num_classes"] = num_classes
             state["tricks_targets"] = soft
             state["tricks_hard_targets"] = hard
             loss = soft_cross_entropy(logits, soft, self.ignore_index)

@@ -431,3 +431,43 @@ def test_mixup_alone_builds_one_hot_rows_and_checks_the_range() -> None:
     data = DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 1, 16), torch.full((8,), 4)), batch_size=4)
     with pytest.raises(ValueError, match=r"target index 4 is out of range"):
         quiet_trainer(max_steps=1, callbacks=[Mixup(alpha=0.4)]).fit(TinyNet(), data)
+
+
+class CountingNet(TinyNet):
+    """Counts where the soft targets are built: in the batch seam (before the forward) or in the loss."""
+
+    def __init__(self, clone_target: bool = False) -> None:
+        super().__init__()
+        self.clone_target = clone_target
+        self.built_in: list[str] = []
+        self.checked = 0
+
+    def _tricks_soft_targets(self, plan: Any, target: torch.Tensor, num_classes: int) -> Any:
+        import inspect
+
+        self.built_in.append(inspect.stack()[1].function)
+        return super()._tricks_soft_targets(plan, target, num_classes)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.tricks_loss(logits, y.clone() if self.clone_target else y)
+        mix = next(cb for cb in self.trainer.callbacks if isinstance(cb, Mixup))
+        lam, idx = mix._pending
+        want = mix_pair(smooth_targets(y, 4, 0.1), lam, idx)
+        torch.testing.assert_close(self.tricks_targets, want, atol=1e-6, rtol=0)
+        self.checked += 1
+        return loss
+
+
+@pytest.mark.parametrize("clone_target", [False, True])
+def test_soft_targets_built_in_the_seam_only_for_that_batch(clone_target: bool) -> None:
+    """After the first batch (which tells the class count) the seam builds the soft targets; the loss takes them
+    only for the very tensor of that batch: a step that passes another target tensor gets its own, built anew."""
+    model = CountingNet(clone_target)
+    quiet_trainer(max_steps=5, callbacks=[LabelSmoothing(0.1), Mixup(alpha=0.4)]).fit(model, loader(40, 8))
+    assert model.checked == 5
+    if clone_target:
+        assert model.built_in.count("tricks_loss") == 5
+    else:
+        assert model.built_in == ["tricks_loss"] + ["on_after_batch_transfer"] * 4

@@ -25,6 +25,9 @@ class TrickCallback(pl.Callback):
     transforms_batch: bool = False
     transforms_target: bool = False
     transforms_loss: bool = False
+    #: The target transform depends on the batch alone (not on the forward pass), so the mixin may run it in its
+    #: batch seam, before the forward.
+    targets_before_forward: bool = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from lightning_tricks.mixin import TricksMixin

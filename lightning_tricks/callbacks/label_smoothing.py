@@ -38,6 +38,7 @@ class LabelSmoothing(TrickCallback):
 
     order = 10
     transforms_target = True
+    targets_before_forward = True
 
     def __init__(self, smoothing: float = 0.1, convention: str = "uniform") -> None:
         check_number("smoothing", smoothing, low=0.0, high=1.0, high_open=True)

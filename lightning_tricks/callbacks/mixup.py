@@ -57,6 +57,7 @@ class Mixup(TrickCallback):
     order = 20
     transforms_batch = True
     transforms_target = True
+    targets_before_forward = True
 
     def __init__(
         self,
