@@ -18,7 +18,7 @@ from lightning_tricks import (
     TrainingDoctor,
     WarmupCosine,
 )
-from lightning_tricks.callbacks._dispatch import PER_BATCH_HOOKS
+from lightning_tricks.callbacks._dispatch import PER_BATCH_HOOKS, global_step_progress
 from tests.conftest import TinyNet, loader, quiet_trainer
 
 
@@ -97,3 +97,52 @@ def test_subclass_override_is_kept_and_super_works() -> None:
     trainer = quiet_trainer(max_steps=5, callbacks=[cb])
     trainer.fit(TinyNet(), loader())
     assert cb.zero_grads == 5
+
+
+class StepRecord(pl.Callback):
+    """Checks, at every batch end, that the kept progress record reads what trainer.global_step reads."""
+
+    def __init__(self) -> None:
+        self.record: Any = None
+        self.checked = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.record = global_step_progress(trainer, pl_module)
+        assert self.record is not None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        assert self.record.completed == trainer.global_step
+        self.checked += 1
+
+
+class ManualNet(TinyNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        opt = self.optimizers()
+        x, y = batch
+        loss = self.tricks_loss(self(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+def test_global_step_record_follows_the_counter(tmp_path: Any) -> None:
+    """Through epochs, gradient accumulation, a resume into a longer run and manual optimization."""
+    rec = StepRecord()
+    trainer = quiet_trainer(max_epochs=2, accumulate_grad_batches=3, callbacks=[rec], enable_checkpointing=True,
+                            default_root_dir=str(tmp_path))
+    trainer.fit(TinyNet(), loader())
+    assert rec.checked == 16 and trainer.global_step == 6
+    ckpt = str(tmp_path / "mid.ckpt")
+    trainer.save_checkpoint(ckpt)
+    resumed = StepRecord()
+    again = quiet_trainer(max_epochs=3, accumulate_grad_batches=3, callbacks=[resumed])
+    again.fit(TinyNet(), loader(), ckpt_path=ckpt)
+    assert resumed.checked == 8 and again.global_step == 9
+    manual = StepRecord()
+    quiet_trainer(max_steps=5, callbacks=[manual]).fit(ManualNet(), loader())
+    assert manual.checked == 5

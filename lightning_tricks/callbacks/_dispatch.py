@@ -1,6 +1,8 @@
-"""Keep Lightning from dispatching per-batch hooks a callback does not implement."""
+"""Lightning plumbing for cheap per-step hooks: skip the unused ones, read the step counter directly."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import lightning.pytorch as pl
 
@@ -38,3 +40,21 @@ def skip_unused_batch_hooks(callback: pl.Callback) -> None:
     for name in PER_BATCH_HOOKS:
         if getattr(cls, name, None) is getattr(pl.Callback, name):
             setattr(callback, name, None)
+
+
+def global_step_progress(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    """The progress record whose ``completed`` is ``trainer.global_step``, or ``None`` if it cannot be found.
+
+    ``trainer.global_step`` goes through five properties (loop, module, optimization mode, progress) on every read;
+    callbacks that read it every step keep this record from ``on_train_start`` (after a resume's restore, which
+    loads into the same record) and read one attribute instead. Checked against ``trainer.global_step`` when taken.
+    """
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    try:
+        if pl_module.automatic_optimization:
+            record = loop.automatic_optimization.optim_progress.optimizer.step.total  # type: ignore[union-attr]
+        else:
+            record = loop.manual_optimization.optim_step_progress.total  # type: ignore[union-attr]
+    except AttributeError:  # another Lightning layout: fall back to the property
+        return None
+    return record if getattr(record, "completed", None) == trainer.global_step else None

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_tricks.callbacks._dispatch import skip_unused_batch_hooks
+from lightning_tricks.callbacks._dispatch import global_step_progress, skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_number
 
 SEVERITIES = ("info", "warning", "error")
@@ -125,6 +125,7 @@ class TrainingDoctor(pl.Callback):
         self.findings: list[Finding] = []
         self.history: list[_Epoch] = []
         self.report_paths: list[str] = []
+        self._progress: Any = None
         skip_unused_batch_hooks(self)
 
     # ------------------------------------------------------------------ per step: device only
@@ -143,12 +144,15 @@ class TrainingDoctor(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._step_of_batch = trainer.global_step  # after a resume's restore: the step the first batch feeds
+        self._progress = global_step_progress(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         # The optimizer step this batch contributed to is the global step at the previous batch's end (the counter
         # only moves inside a batch): one hook per batch instead of a batch-start hook as well.
-        step, self._step_of_batch = self._step_of_batch, trainer.global_step
+        progress = self._progress
+        step, self._step_of_batch = self._step_of_batch, (
+            progress.completed if progress is not None else trainer.global_step)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, Tensor):
             return  # a skipped step (training_step returned None)

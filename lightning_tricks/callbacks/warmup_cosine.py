@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_tricks.callbacks._dispatch import skip_unused_batch_hooks
+from lightning_tricks.callbacks._dispatch import global_step_progress, skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_number
 from lightning_tricks.functional.schedules import _warmup_cosine, resolve_start_factor, warmup_cosine
 
@@ -76,6 +76,7 @@ class WarmupCosine(pl.Callback):
         self.planned_total: int | None = None
         self.warmup_steps: int | None = None
         self._factor, self._factor_step = 1.0, -1
+        self._progress: Any = None  # the global-step record, from on_train_start
         skip_unused_batch_hooks(self)
 
     # ------------------------------------------------------------------ checks
@@ -130,6 +131,7 @@ class WarmupCosine(pl.Callback):
                     f"min_lr_ratio after it). Pass `WarmupCosine(total_steps=...)` to re-plan."
                 )
         assert self.base_lrs is not None
+        self._progress = global_step_progress(trainer, pl_module)
         shapes = [len(opt.param_groups) for opt in trainer.optimizers]
         if shapes != [len(groups) for groups in self.base_lrs]:
             raise ValueError(
@@ -162,7 +164,8 @@ class WarmupCosine(pl.Callback):
     def _apply(self, trainer: pl.Trainer) -> None:
         if self.base_lrs is None:
             return
-        step = trainer.global_step
+        progress = self._progress
+        step = progress.completed if progress is not None else trainer.global_step
         if self._factor_step == -1:  # first step of a fit or of a resume: check the arguments once
             self._factor = self.lr_factor(step)
             self._start = resolve_start_factor(self.start_factor, self.warmup_steps or 0)
