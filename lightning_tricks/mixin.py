@@ -90,14 +90,6 @@ class TricksMixin:
     tricks_hard_targets: Tensor | None = None
 
     # ----------------------------------------------------------------------------------- helpers
-    def _tricks(self) -> list[TrickCallback]:
-        """The trick callbacks of the attached Trainer, in seam order."""
-        trainer = getattr(self, "_trainer", None)
-        return [] if trainer is None else _plan(trainer).tricks
-
-    def _tricks_fitting_train_batch(self) -> bool:
-        return self._train_plan() is not None
-
     def _train_plan(self) -> _Plan | None:
         """The cached plan while fitting a training batch, else ``None``."""
         trainer = getattr(self, "_trainer", None)

@@ -129,7 +129,6 @@ class GradientMonitor(pl.Callback):
         self._step_scaler = self._scaler(trainer)
         self._first_optimizer: Any = None
         self._progress: Any = None  # the global-step record, from on_train_start
-        # CPU, one process, no loss scaler, float32 parameters: the per-step path below is the short one.
         # The batch-end hook only reads the GPU flag copy: elsewhere hide it from Lightning's dispatcher for this fit.
         if device.type == "cuda" and self._single:
             vars(self).pop("on_train_batch_end", None)
@@ -149,9 +148,6 @@ class GradientMonitor(pl.Callback):
         self.stopped_step = self.stop_message = self.checkpoint_path = None
         self._lr_of_group = self._lr_locations(trainer)
         self._self_unscaling = any(getattr(o, "_step_supports_amp_scaling", False) for o in trainer.optimizers)
-        # CPU, one process, no loss scaler, float32 parameters: the short per-step path.
-        self._cpu_fast = (self._cpu_rows is not None and self._single and self._step_scaler is None
-                          and self._stack_into_row and not self._self_unscaling)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._progress = global_step_progress(trainer, pl_module)
@@ -181,19 +177,6 @@ class GradientMonitor(pl.Callback):
             return
         params = self.layout.params
         grads = [p.grad for p in params if p.grad is not None]
-        if self._cpu_fast and grads and len(grads) == len(params):
-            # The common CPU case in a few lines: norms into the row, the row read in place.
-            row = len(self._row_steps)
-            torch.stack(torch._foreach_norm(grads), out=self._rows[row])
-            step = self._progress.completed if self._progress is not None else trainer.global_step
-            self._row_steps.append(step)
-            if not math.isfinite(sum(self._cpu_rows[row])):  # type: ignore[index]
-                self._handle_nonfinite(trainer, pl_module, self._host_rows(), before_update=True)
-                if self.stopped_step is not None:
-                    return
-            if (step + 1) % self._every == 0 or row + 1 == len(self._rows):
-                self._log(trainer, pl_module)
-            return
         if not grads:
             return
         row = len(self._row_steps)
