@@ -189,6 +189,16 @@ class StepTimer(pl.Callback):
             self.window_steps = len(self.rows) - self.warmup
 
 
+def fit(model: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, device: str, precision: str, steps: int,
+        log_every: int, callbacks: list[pl.Callback]) -> None:
+    """A quiet Trainer (no logger, checkpoint, progress bar or sanity check) over ``steps`` copies of one batch."""
+    trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
+                         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=log_every,
+                         default_root_dir=tempfile.mkdtemp(prefix="lt-bench-"), callbacks=callbacks)
+    trainer.fit(model, DataLoader(Batches(x, y, steps), batch_size=None))
+
+
 class Toggle(pl.Callback):
     """Switch between ``plain`` and a configuration every ``block`` steps inside one run (``--toggle``; CPU).
 
@@ -225,11 +235,7 @@ def run_toggled(w: dict[str, Any], config: str, steps: int, block: int, log_ever
     timer = StepTimer(cuda=False, warmup=0)
     tricks = callbacks_for(config)
     toggle = Toggle(config, tricks, timer, block)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         log_every_n_steps=log_every, default_root_dir=tempfile.mkdtemp(prefix="lt-bench-"),
-                         callbacks=[*tricks, timer, toggle])
-    trainer.fit(model, DataLoader(Batches(x, y, steps), batch_size=None))
+    fit(model, x, y, "cpu", "32-true", steps, log_every, [*tricks, timer, toggle])
     kept: dict[str, list[float]] = {"plain": [], config: []}
     for i, ((t, _, logging), mode) in enumerate(zip(timer.rows, toggle.modes)):
         if i >= 2 * block and i % block != 0 and not logging:
@@ -274,12 +280,7 @@ def run_one(w: dict[str, Any], config: str, device: str, steps: int, precision: 
     y = torch.randint(0, w["classes"], (w["shape"][0],), device=device)
     model = Net(w["make"](), w["classes"], config, w["channels_last"])
     timer = StepTimer(cuda=device == "cuda", warmup=warmup)
-    trainer = pl.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision,
-                         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=log_every,
-                         default_root_dir=tempfile.mkdtemp(prefix="lt-bench-"),
-                         callbacks=[*callbacks_for(config), timer])
-    trainer.fit(model, DataLoader(Batches(x, y, steps), batch_size=None))
+    fit(model, x, y, device, precision, steps, log_every, [*callbacks_for(config), timer])
     return timer
 
 
