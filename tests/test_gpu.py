@@ -149,4 +149,5 @@ def test_stop_on_nonfinite_on_gpu(tmp_path: Any) -> None:
         trainer.fit(NaNAt(step=5), loader(64 * 8, 8))
     print("stopped at global_step", trainer.global_step, mon.stop_message)
     assert mon.stopped_step == 5 and trainer.global_step <= 9
+    assert "on_train_batch_end" not in vars(mon)  # its flag hook is dispatched on a single GPU (hidden on a CPU)
     assert mon.checkpoint_path is not None
