@@ -33,10 +33,9 @@ __all__ = ["TricksMixin"]
 
 
 class _Plan(NamedTuple):
-    """The trick callbacks of one Trainer's callback list, in seam order, and those of each kind."""
+    """The trick callbacks of one Trainer's callback list, by kind, each in seam order."""
 
     key: tuple[int, ...]
-    tricks: list[TrickCallback]
     batch: list[TrickCallback]
     target: list[TrickCallback]
     loss: list[TrickCallback]
@@ -56,7 +55,7 @@ def _plan(trainer: Any) -> _Plan:
         from lightning_tricks.callbacks._base import TrickCallback
 
         tricks = sorted((cb for cb in trainer.callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
-        plan = _PLANS[trainer] = _Plan(key, tricks, [cb for cb in tricks if cb.transforms_batch],
+        plan = _PLANS[trainer] = _Plan(key, [cb for cb in tricks if cb.transforms_batch],
                                        [cb for cb in tricks if cb.transforms_target],
                                        [cb for cb in tricks if cb.transforms_loss],
                                        any(cb.transforms_target for cb in tricks)
@@ -121,10 +120,10 @@ class TricksMixin:
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Run the trick callbacks' batch transforms (training batches of ``fit`` only).
 
-        When every target trick depends on the batch alone (label smoothing, mixing), their soft targets are built
-        here too, right after the batch transforms: the gathers and blends run while those kernels are warm (on a
-        CPU the first call of a kernel in a step costs 5-10x the next one). :meth:`tricks_loss` takes them when it
-        gets this batch's target tensor and the class count matches.
+        When there are batch tricks and every target trick depends on the batch alone (label smoothing, mixing),
+        the soft targets are built here too, right after the batch transforms: the gathers and blends run while
+        those kernels are warm (on a CPU the first call of a kernel in a step costs 5-10x the next one).
+        :meth:`tricks_loss` takes them when it gets this batch's target tensor and the class count matches.
         """
         batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]
         plan = self._train_plan()
@@ -132,7 +131,7 @@ class TricksMixin:
             return batch
         state = self.__dict__
         state.pop("_tricks_eager", None)  # never a previous batch's
-        if not plan.batch and not plan.eager:
+        if not plan.batch:  # (label smoothing alone gains nothing here, and leaves the batch layout free)
             return batch
         x, y = self.tricks_unpack(batch)
         for cb in plan.batch:
@@ -140,7 +139,7 @@ class TricksMixin:
         num_classes = state.get("_tricks_num_classes")  # from the previous batch's logits
         if plan.eager and num_classes is not None:
             state["_tricks_eager"] = (y, num_classes, *self._tricks_soft_targets(plan, y, num_classes))
-        return self.tricks_pack(batch, x, y) if plan.batch else batch
+        return self.tricks_pack(batch, x, y)
 
     def _tricks_soft_targets(self, plan: _Plan, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor | None]:
         """The target tricks' float32 soft targets for ``target`` and, when known without an argmax, their dominant

@@ -471,3 +471,20 @@ def test_soft_targets_built_in_the_seam_only_for_that_batch(clone_target: bool) 
         assert model.built_in.count("tricks_loss") == 5
     else:
         assert model.built_in == ["tricks_loss"] + ["on_after_batch_transfer"] * 4
+
+
+class ImageLabelNet(TinyNet):
+    """A custom batch layout the default unpack does not know, with the user's own step (docs/mixin.md)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch["image"], batch["label"]
+        loss = self.tricks_loss(self(x), y)
+        torch.testing.assert_close(self.tricks_targets, smooth_targets(y, 4, 0.1), atol=1e-6, rtol=0)
+        return loss
+
+
+def test_label_smoothing_alone_leaves_the_batch_layout_free() -> None:
+    data = [{"image": x, "label": y} for x, y in loader(32, 8)]
+    trainer = quiet_trainer(max_steps=4, callbacks=[LabelSmoothing(0.1)])
+    trainer.fit(ImageLabelNet(), DataLoader(data, batch_size=None))
+    assert trainer.global_step == 4
