@@ -18,6 +18,34 @@ def test_uniform_equals_torch_label_smoothing() -> None:
         assert abs(ours.item() - ref.item()) <= 1e-6
 
 
+@pytest.mark.parametrize("shape", [(100, 10), (7, 3), (1, 1000), (5,)])
+def test_soft_cross_entropy_gradient_is_torchs_bit_for_bit(shape: tuple[int, ...]) -> None:
+    # The soft path is one dot product, not torch's probability-target cross-entropy: the value may differ in the
+    # last bits (sum order), but the gradient must be identical, so that training runs are unchanged bit for bit.
+    torch.manual_seed(2)
+    z = torch.randn(*shape) * 4
+    t = torch.softmax(torch.randn(*shape), dim=-1)
+    mine = z.clone().requires_grad_()
+    ref = z.clone().requires_grad_()
+    ours = soft_cross_entropy(mine, t)
+    theirs = F.cross_entropy(ref, t)
+    ours.backward()
+    theirs.backward()
+    assert torch.equal(mine.grad, ref.grad)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    # and against the formula itself, in float64
+    expected = -(t.double() * torch.log_softmax(z.double(), dim=-1)).sum() / (z.numel() // shape[-1])
+    assert abs(ours.item() - expected.item()) <= 1e-5
+
+
+def test_soft_cross_entropy_other_layouts_take_torchs_path() -> None:
+    torch.manual_seed(3)
+    z = torch.randn(4, 5, 6)  # (N, K, d): the class dimension is not the last one
+    t = torch.softmax(torch.randn(4, 5, 6), dim=1)
+    torch.testing.assert_close(soft_cross_entropy(z, t), F.cross_entropy(z, t))
+    assert soft_cross_entropy(torch.zeros(0, 3), torch.zeros(0, 3)).isnan()  # empty batch: nan, as torch's mean
+
+
 def test_uniform_with_ignore_index_equals_torch() -> None:
     torch.manual_seed(1)
     logits, y = torch.randn(20, 5), torch.randint(0, 5, (20,))

@@ -188,7 +188,9 @@ def soft_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int | None 
     For soft targets the denominator is the total target mass: ``N`` when every row sums to 1 (the plain
     mean), and the number of active samples when ``ignore_index`` is given and ignored samples have all-zero
     rows (what :func:`smooth_targets` makes of them), so ignored samples contribute nothing and do not count
-    in the mean. Index targets take ``F.cross_entropy`` (with ``ignore_index``). No host read.
+    in the mean. Index targets take ``F.cross_entropy`` (with ``ignore_index``). No host read. Soft ``(N, K)``
+    targets without ``ignore_index`` take one dot product: the same gradient as ``F.cross_entropy`` bit for bit,
+    with fewer kernels.
 
     Args:
         logits: ``(N, K)`` scores of any float dtype (upcast to float32: no bf16 rounding of the loss).
@@ -203,7 +205,15 @@ def soft_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int | None 
             raise _range_error(target, logits.shape[-1], ignore_index) from None
     if target.shape != logits.shape:
         raise ValueError(f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}.")
-    if ignore_index is None:  # rows sum to 1: torch's probability-target cross-entropy, one call
-        return F.cross_entropy(logits, target)
+    if ignore_index is None:  # rows sum to 1: the mean over samples is the sum over entries divided by N
+        class_dim = 0 if logits.ndim == 1 else 1
+        if target.dtype != logits.dtype or class_dim != logits.ndim - 1 or logits.numel() == 0:
+            return F.cross_entropy(logits, target)  # (N, K, d1, ...) or non-float32 targets: torch's, as before
+        # -<log_softmax(z), t> / N as one dot product. torch's probability-target cross-entropy computes
+        # -(log_softmax(z) * t).sum() / N with four more kinds of kernels (mul, sum, neg and their backward), each
+        # 10-25 us of host time inside a CPU step. The gradient is bit-identical (both send -t / N into
+        # log_softmax's backward; tested), the value equal up to the order of the float32 sum.
+        n = logits.numel() // logits.shape[class_dim]
+        return torch.dot(F.log_softmax(logits, class_dim).reshape(-1), target.reshape(-1)).div(-n)
     total = (target * F.log_softmax(logits, dim=-1)).sum()
     return -total / target.sum().clamp_min(1e-12)
