@@ -16,7 +16,6 @@ A user may override any step and still call ``self.tricks_loss(logits, y)``.
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor
 
-from lightning_tricks.functional.targets import soft_cross_entropy, to_soft_targets
+from lightning_tricks.functional.targets import _soft_ce_rows, soft_cross_entropy, to_soft_targets
 
 if TYPE_CHECKING:
     from lightning_tricks.callbacks._base import TrickCallback
@@ -35,7 +34,8 @@ __all__ = ["TricksMixin"]
 class _Plan(NamedTuple):
     """The trick callbacks of one Trainer's callback list, by kind, each in seam order."""
 
-    key: tuple[int, ...]
+    callbacks: list[Any]  # the Trainer's callback list this plan was made from (by identity, with its length)
+    size: int
     batch: list[TrickCallback]
     target: list[TrickCallback]
     loss: list[TrickCallback]
@@ -43,23 +43,26 @@ class _Plan(NamedTuple):
     tables: dict[Any, Tensor]  # (num_classes, device) -> identity table: one-hot rows by one gather
 
 
-# Per Trainer and callback list (the seam and the loss read it every training step), keyed weakly by the Trainer and
-# kept outside the module, so that deep copies and pickles of the module (EMA, SWA) do not carry the callbacks.
-_PLANS: weakref.WeakKeyDictionary[Any, _Plan] = weakref.WeakKeyDictionary()
+# The plan lives on the Trainer (the seam and the loss read it every training step), not on the module, so that deep
+# copies and pickles of the module (EMA, SWA) do not carry the callbacks.
+_PLAN_ATTR = "_lightning_tricks_plan"
+_TRAINING = RunningStage.TRAINING  # a module constant: an Enum member lookup costs a metaclass call each time
 
 
 def _plan(trainer: Any) -> _Plan:
-    key = tuple(map(id, trainer.callbacks))
-    plan = _PLANS.get(trainer)
-    if plan is None or plan.key != key:
+    """The plan for ``trainer.callbacks``, rebuilt when the list is replaced or changes length."""
+    callbacks = trainer.callbacks
+    plan = trainer.__dict__.get(_PLAN_ATTR)
+    if plan is None or plan.callbacks is not callbacks or plan.size != len(callbacks):
         from lightning_tricks.callbacks._base import TrickCallback
 
-        tricks = sorted((cb for cb in trainer.callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
-        plan = _PLANS[trainer] = _Plan(key, [cb for cb in tricks if cb.transforms_batch],
-                                       [cb for cb in tricks if cb.transforms_target],
-                                       [cb for cb in tricks if cb.transforms_loss],
-                                       any(cb.transforms_target for cb in tricks)
-                                       and all(cb.targets_before_forward for cb in tricks if cb.transforms_target), {})
+        tricks = sorted((cb for cb in callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
+        plan = _Plan(callbacks, len(callbacks), [cb for cb in tricks if cb.transforms_batch],
+                     [cb for cb in tricks if cb.transforms_target],
+                     [cb for cb in tricks if cb.transforms_loss],
+                     any(cb.transforms_target for cb in tricks)
+                     and all(cb.targets_before_forward for cb in tricks if cb.transforms_target), {})
+        trainer.__dict__[_PLAN_ATTR] = plan
     return plan
 
 
@@ -91,10 +94,10 @@ class TricksMixin:
     # ----------------------------------------------------------------------------------- helpers
     def _train_plan(self) -> _Plan | None:
         """The cached plan while fitting a training batch, else ``None``."""
-        trainer = getattr(self, "_trainer", None)
+        trainer = self.__dict__.get("_trainer")
         # `trainer.training and not trainer.sanity_checking`, by identity: those properties compare through a
         # Python-level StrEnum __eq__, and this runs twice per step. The TRAINING stage is never the sanity check.
-        if trainer is None or trainer.state.stage is not RunningStage.TRAINING:
+        if trainer is None or trainer.state.stage is not _TRAINING:
             return None
         return _plan(trainer)
 
@@ -191,7 +194,11 @@ class TricksMixin:
             state["_tricks_num_classes"] = num_classes
             state["tricks_targets"] = soft
             state["tricks_hard_targets"] = hard
-            loss = soft_cross_entropy(logits, soft, self.ignore_index)
+            if self.ignore_index is None and logits.ndim == 2 and soft.shape[0] == logits.shape[0]:
+                # the soft targets are the plan's own float32 (N, K) rows: the unchecked per-step form
+                loss = _soft_ce_rows(logits if logits.dtype is torch.float32 else logits.float(), soft)
+            else:
+                loss = soft_cross_entropy(logits, soft, self.ignore_index)
         else:
             state["tricks_targets"] = target
             state["tricks_hard_targets"] = None if target.is_floating_point() else target

@@ -209,11 +209,19 @@ def soft_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int | None 
         class_dim = 0 if logits.ndim == 1 else 1
         if target.dtype != logits.dtype or class_dim != logits.ndim - 1 or logits.numel() == 0:
             return F.cross_entropy(logits, target)  # (N, K, d1, ...) or non-float32 targets: torch's, as before
-        # -<log_softmax(z), t> / N as one dot product. torch's probability-target cross-entropy computes
-        # -(log_softmax(z) * t).sum() / N with four more kinds of kernels (mul, sum, neg and their backward), each
-        # 10-25 us of host time inside a CPU step. The gradient is bit-identical (both send -t / N into
-        # log_softmax's backward; tested), the value equal up to the order of the float32 sum.
-        n = logits.numel() // logits.shape[class_dim]
-        return torch.dot(F.log_softmax(logits, class_dim).reshape(-1), target.reshape(-1)).div(-n)
+        return _soft_ce_rows(logits, target)
     total = (target * F.log_softmax(logits, dim=-1)).sum()
     return -total / target.sum().clamp_min(1e-12)
+
+
+def _soft_ce_rows(logits: Tensor, target: Tensor) -> Tensor:
+    """:func:`soft_cross_entropy` for float32 ``(N, K)`` (or ``(K,)``) logits and same-shape float32 soft targets
+    whose rows sum to 1, without argument checks (the per-step path; a shape mismatch raises torch's error).
+
+    ``-<log_softmax(z), t> / N`` as one dot product. torch's probability-target cross-entropy computes
+    ``-(log_softmax(z) * t).sum() / N`` with four more kinds of kernels (mul, sum, neg and their backward), each 10-25
+    us of host time inside a CPU step. The gradient is bit-identical (both send ``-t / N`` into log_softmax's
+    backward; tested), the value equal up to the order of the float32 sum.
+    """
+    n = logits.shape[0] if logits.ndim == 2 else 1
+    return torch.dot(F.log_softmax(logits, -1).reshape(-1), target.reshape(-1)).div(-n)
