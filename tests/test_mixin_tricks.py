@@ -305,6 +305,28 @@ def test_user_training_step_still_gets_the_tricks() -> None:
     assert model.losses[0] == pytest.approx(ref, abs=1e-6)
 
 
+def test_the_tricks_follow_changes_of_the_callback_list_mid_fit() -> None:
+    """The per-Trainer plan is rebuilt when the callback list is replaced or changes length."""
+    smoothing = LabelSmoothing(0.5)
+
+    class Edit(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            if trainer.global_step == 1:
+                trainer.callbacks.remove(smoothing)  # in place: the same list, one shorter
+            elif trainer.global_step == 2:
+                trainer.callbacks = [smoothing, *trainer.callbacks]  # a new list, smoothing back
+
+    model = _CustomStep()
+    quiet_trainer(max_steps=3, callbacks=[smoothing, Edit()]).fit(model, loader(24, 8))
+    # lr 0 and no shuffling: every step sees the same weights, batch by batch
+    logits = [model.lin(xb.flatten(1)) for xb, _ in loader(24, 8)]
+    ys = [yb for _, yb in loader(24, 8)]
+    expected = [F.cross_entropy(logits[0], ys[0], label_smoothing=0.5).item(),
+                F.cross_entropy(logits[1], ys[1]).item(),
+                F.cross_entropy(logits[2], ys[2], label_smoothing=0.5).item()]
+    assert model.losses == pytest.approx(expected, abs=1e-6)
+
+
 def test_mixup_refuses_integer_inputs() -> None:
     data = DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 255, (8, 1, 16)), torch.zeros(8).long()),
                       batch_size=4)
