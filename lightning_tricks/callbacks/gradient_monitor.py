@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import os
 from typing import Any
 
@@ -16,6 +17,7 @@ from lightning_tricks.functional._checks import check_choice, check_number
 from lightning_tricks.functional.gradients import GradientLayout, group_norms
 
 ACTIONS = ("warn", "stop", "raise")
+_grad_of = operator.attrgetter("grad")
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -176,15 +178,21 @@ class GradientMonitor(pl.Callback):
         if self.stopped_step is not None:
             return
         params = self.layout.params
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
+        grads = list(map(_grad_of, params))
+        try:  # every parameter has a gradient (the usual case): no per-parameter test in Python
+            norms = torch._foreach_norm(grads)
+            complete = True
+        except (TypeError, RuntimeError):  # some have none this step (or there are none): their norm counts as 0
+            grads = [g for g in grads if g is not None]
+            if not grads:
+                return
+            norms = torch._foreach_norm(grads)
+            complete = False
         row = len(self._row_steps)
-        norms = torch._foreach_norm(grads)
         scaler = self._step_scaler
         if self._self_unscaling and scaler is not None:  # the optimizer unscales inside step(): do it here
             norms = [torch.stack(norms).float() / scaler._scale.to(self._device)]
-        if len(grads) != len(params):  # rare: some parameters got no gradient this step (their norm counts as 0)
+        if not complete:  # rare: some parameters got no gradient this step (their norm counts as 0)
             keep = torch.tensor([i for i, p in enumerate(params) if p.grad is not None], device=self._device)
             self._rows[row].index_copy_(0, keep, torch.cat([n.reshape(-1).float() for n in norms]))
         elif self._stack_into_row and len(norms) == len(params):

@@ -101,12 +101,14 @@ class Mixup(TrickCallback):
         super().setup(trainer, pl_module, stage)
         if self.seed is None:
             self.seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) % 2**63
+        self._last_block: tuple[Any, ...] | None = None  # per fit: the device and the rank are fixed within one
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = state_dict["seed"]
+        self._last_block = None
 
     # ------------------------------------------------------------------ sampling (host only)
     def _stream_key(self, trainer: pl.Trainer) -> int:
@@ -141,7 +143,11 @@ class Mixup(TrickCallback):
         on resume.
         """
         counter = trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        key = (self.seed, trainer.global_rank, counter // _BLOCK, n, spatial, device)
+        block = counter // _BLOCK
+        last = self.__dict__.get("_last_block")
+        if last is not None and last[0] == block and last[1] == n and last[2] == spatial and last[3] == self.seed:
+            return last[4][counter % _BLOCK]  # the usual case: the same block as the previous batch
+        key = (self.seed, trainer.global_rank, block, n, spatial, device)
         blocks = self.__dict__.setdefault("_blocks", {})
         rows = blocks.get(key)
         if rows is None:
@@ -149,6 +155,7 @@ class Mixup(TrickCallback):
             if len(blocks) >= 2:  # the last batch of an epoch may be smaller: keep both sizes' blocks
                 blocks.pop(next(iter(blocks)))
             blocks[key] = rows
+        self._last_block = (block, n, spatial, self.seed, rows)
         return rows[counter % _BLOCK]
 
     def _draw_block(self, rng: np.random.Generator, n: int, spatial: tuple[int, ...],

@@ -77,6 +77,7 @@ class WarmupCosine(pl.Callback):
         self.warmup_steps: int | None = None
         self._factor, self._factor_step = 1.0, -1
         self._progress: Any = None  # the global-step record, from on_train_start
+        self._groups: list[tuple[dict[str, Any], float]] = []  # (param group, base lr), from on_train_start
         skip_unused_batch_hooks(self)
 
     # ------------------------------------------------------------------ checks
@@ -138,6 +139,9 @@ class WarmupCosine(pl.Callback):
                 f"WarmupCosine: the optimizers have {shapes} param groups but the saved schedule has "
                 f"{[len(g) for g in self.base_lrs]}; the base lrs cannot be matched."
             )
+        # The (param group, base lr) pairs, kept for the fit: one flat loop per step, no Trainer property.
+        self._groups = [(group, lr) for opt, base in zip(trainer.optimizers, self.base_lrs)
+                        for group, lr in zip(opt.param_groups, base)]
         self._apply(trainer)
 
     def _plan(self, total: int) -> None:
@@ -174,9 +178,8 @@ class WarmupCosine(pl.Callback):
             self._factor = _warmup_cosine(step, self.planned_total, self.warmup_steps, self.min_lr_ratio, self._start)
         self._factor_step = step
         factor = self._factor
-        for opt, base in zip(trainer.optimizers, self.base_lrs):
-            for group, lr in zip(opt.param_groups, base):
-                group["lr"] = lr * factor
+        for group, lr in self._groups:
+            group["lr"] = lr * factor
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
