@@ -410,6 +410,8 @@ def test_batch_mode_block_draws() -> None:
     small = draw(mix, 5, n=5)  # an epoch's smaller last batch
     assert sorted(small[4]) == list(range(5))
     assert draw(mix, 6) == draws[6]  # the full-size block is still there
+    mix.seed = 4  # a new seed (as a checkpoint's) is a new stream, even for the block drawn last
+    assert draw(mix, 6) != draws[6]
 
 
 @pytest.mark.parametrize(
