@@ -47,22 +47,23 @@ class _Plan(NamedTuple):
 # copies and pickles of the module (EMA, SWA) do not carry the callbacks.
 _PLAN_ATTR = "_lightning_tricks_plan"
 _TRAINING = RunningStage.TRAINING  # a module constant: an Enum member lookup costs a metaclass call each time
+# Per stage of the default steps: the logged keys, and whether it is an evaluation stage (progress bar, synced).
+_STEP_KEYS = {"train": ("train_loss", "train_acc", False), "val": ("val_loss", "val_acc", True),
+              "test": ("test_loss", "test_acc", True)}
 
 
-def _plan(trainer: Any) -> _Plan:
-    """The plan for ``trainer.callbacks``, rebuilt when the list is replaced or changes length."""
+def _make_plan(trainer: Any) -> _Plan:
+    """Sort ``trainer.callbacks``' tricks by kind and keep the plan on the Trainer."""
+    from lightning_tricks.callbacks._base import TrickCallback
+
     callbacks = trainer.callbacks
-    plan = trainer.__dict__.get(_PLAN_ATTR)
-    if plan is None or plan.callbacks is not callbacks or plan.size != len(callbacks):
-        from lightning_tricks.callbacks._base import TrickCallback
-
-        tricks = sorted((cb for cb in callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
-        plan = _Plan(callbacks, len(callbacks), [cb for cb in tricks if cb.transforms_batch],
-                     [cb for cb in tricks if cb.transforms_target],
-                     [cb for cb in tricks if cb.transforms_loss],
-                     any(cb.transforms_target for cb in tricks)
-                     and all(cb.targets_before_forward for cb in tricks if cb.transforms_target), {})
-        trainer.__dict__[_PLAN_ATTR] = plan
+    tricks = sorted((cb for cb in callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
+    plan = _Plan(callbacks, len(callbacks), [cb for cb in tricks if cb.transforms_batch],
+                 [cb for cb in tricks if cb.transforms_target],
+                 [cb for cb in tricks if cb.transforms_loss],
+                 any(cb.transforms_target for cb in tricks)
+                 and all(cb.targets_before_forward for cb in tricks if cb.transforms_target), {})
+    trainer.__dict__[_PLAN_ATTR] = plan
     return plan
 
 
@@ -99,7 +100,12 @@ class TricksMixin:
         # Python-level StrEnum __eq__, and this runs twice per step. The TRAINING stage is never the sanity check.
         if trainer is None or trainer.state.stage is not _TRAINING:
             return None
-        return _plan(trainer)
+        # The plan for `trainer.callbacks`, remade when the list is replaced or changes length.
+        plan = trainer.__dict__.get(_PLAN_ATTR)
+        callbacks = trainer.callbacks
+        if plan is None or plan.callbacks is not callbacks or plan.size != len(callbacks):
+            plan = _make_plan(trainer)
+        return plan
 
     def tricks_unpack(self, batch: Any) -> tuple[Tensor, Tensor]:
         """Split a batch into ``(inputs, targets)``. Override for other batch layouts."""
@@ -201,14 +207,16 @@ class TricksMixin:
                 loss = soft_cross_entropy(logits, soft, self.ignore_index)
         else:
             state["tricks_targets"] = target
-            state["tricks_hard_targets"] = None if target.is_floating_point() else target
             if target.is_floating_point():
+                state["tricks_hard_targets"] = None
                 loss = soft_cross_entropy(logits, target, self.ignore_index)
-            elif self.ignore_index is None:
-                loss = F.cross_entropy(logits, target)
             else:
-                loss = F.cross_entropy(logits, target, ignore_index=self.ignore_index)
-        if plan is not None:
+                state["tricks_hard_targets"] = target
+                if self.ignore_index is None:
+                    loss = F.cross_entropy(logits, target)
+                else:
+                    loss = F.cross_entropy(logits, target, ignore_index=self.ignore_index)
+        if plan is not None and plan.loss:
             for cb in plan.loss:
                 loss = cb.tricks_transform_loss(self, logits, state["tricks_targets"], loss)
         return loss
@@ -224,16 +232,18 @@ class TricksMixin:
         if hard is None:
             target = self.tricks_targets
             hard = target.argmax(dim=-1) if target.is_floating_point() else target
-        active = hard != self.ignore_index if self.ignore_index is not None else None
         correct = (logits.argmax(dim=-1) == hard).float()
-        acc = correct.mean() if active is None else (correct * active).sum() / active.sum().clamp_min(1)
-        on_step = stage == "train"
-        sync = stage != "train"
-        prog_bar = self.tricks_progress_bar_loss or stage != "train"
-        self.log(f"{stage}_loss", loss, prog_bar=prog_bar, on_step=on_step, on_epoch=True, sync_dist=sync,
-                 batch_size=x.shape[0])  # type: ignore[attr-defined]
-        self.log(f"{stage}_acc", acc, prog_bar=stage != "train", on_step=False, on_epoch=True, sync_dist=sync,
-                 batch_size=x.shape[0])  # type: ignore[attr-defined]
+        if self.ignore_index is None:
+            acc = correct.mean()
+        else:
+            active = hard != self.ignore_index
+            acc = (correct * active).sum() / active.sum().clamp_min(1)
+        loss_key, acc_key, evaluating = _STEP_KEYS[stage]  # (constants: this runs every step)
+        n = x.shape[0]
+        self.log(loss_key, loss, prog_bar=evaluating or self.tricks_progress_bar_loss, on_step=not evaluating,
+                 on_epoch=True, sync_dist=evaluating, batch_size=n)  # type: ignore[attr-defined]
+        self.log(acc_key, acc, prog_bar=evaluating, on_step=False, on_epoch=True, sync_dist=evaluating,
+                 batch_size=n)  # type: ignore[attr-defined]
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
