@@ -201,3 +201,56 @@ def test_gradient_accumulation_scheduler_is_refused() -> None:
     trainer = quiet_trainer(max_epochs=2, callbacks=[WarmupCosine(), GradientAccumulationScheduler({1: 2})])
     with pytest.raises(ValueError, match="GradientAccumulationScheduler"):
         trainer.fit(TinyNet(), loader())
+
+
+class _ManualNet(TinyNet):
+    """Manual optimization: the schedule falls back to Lightning's batch-end hook."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.05)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_both_ways_of_setting_the_lr_give_the_same_curve(manual: bool) -> None:
+    """The optimizer post-hook (automatic optimization) and the batch-end hook (the fallback) agree step for step,
+    and the post-hook is gone from the optimizer after the fit."""
+    lrs: list[float] = []
+
+    class Before(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    schedule = WarmupCosine(warmup=3, min_lr_ratio=0.1)
+    model = _ManualNet() if manual else TinyNet(lr=0.05)
+    trainer = quiet_trainer(max_steps=12, callbacks=[schedule, Before()])
+    trainer.fit(model, loader(64, 8))
+    assert ("on_train_batch_end" in vars(schedule)) is not manual  # hidden only where the post-hook does the work
+    assert lrs == pytest.approx([expected(s, 12, 3, 0.05, min_lr_ratio=0.1) for s in range(12)], abs=1e-12)
+    assert not trainer.optimizers[0]._optimizer_step_post_hooks  # removed at the end of the fit
+
+
+def test_a_schedule_taken_off_the_trainer_stops() -> None:
+    lrs: list[float] = []
+    schedule = WarmupCosine(warmup=0, min_lr_ratio=0.0)
+
+    class Remove(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+            if trainer.global_step == 3:
+                trainer.callbacks.remove(schedule)
+
+    quiet_trainer(max_steps=6, callbacks=[schedule, Remove()]).fit(TinyNet(lr=0.05), loader(64, 8))
+    curve = [expected(s, 6, 0, 0.05) for s in range(6)]
+    assert lrs[:4] == pytest.approx(curve[:4], abs=1e-12)
+    assert lrs[4:] == pytest.approx([curve[3]] * 2, abs=1e-12)  # frozen at the last lr it set
+
