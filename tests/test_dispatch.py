@@ -61,7 +61,7 @@ def test_only_implemented_batch_hooks_are_dispatched() -> None:
     trainer = quiet_trainer(max_epochs=2, callbacks=[*callbacks, plain], profiler=profiler)
     trainer.fit(TinyNet(), loader(), loader(n=16))
     expected = {
-        WarmupCosine: set(),  # sets the next step's lr from a post-hook of the optimizer's step
+        WarmupCosine: {"on_train_batch_end"},  # sets the next step's lr as the counter moves
         LabelSmoothing: set(),  # acts through the mixin's seam
         Mixup: set(),
         GradientMonitor: {"on_before_optimizer_step"},  # on a GPU also on_train_batch_end (its flag copy)

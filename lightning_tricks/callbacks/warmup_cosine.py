@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_tricks.callbacks._dispatch import global_step_progress, skip_unused_batch_hooks
@@ -21,11 +19,8 @@ class WarmupCosine(pl.Callback):
     The lr is a pure function of ``trainer.global_step`` (optimizer steps), so the curve is the same
     for any ``accumulate_grad_batches``, number of devices, ``limit_train_batches``, ``max_steps`` or
     ``max_epochs``. Every group of every optimizer is scaled from its *own* base lr, so discriminative
-    lrs keep their ratios. The lr of the next step is set right after each optimizer step (and the first
-    one at train start), as Lightning steps its own schedulers, so ``LearningRateMonitor`` logs the lr
-    actually used. With one torch optimizer, automatic optimization, no ``GradScaler`` and a single-device
-    or DDP strategy that is a step post-hook on the optimizer (no per-batch Lightning hook call); otherwise
-    ``on_train_batch_end``.
+    lrs keep their ratios. The callback sets the lr at the start of each training batch and again right
+    after each step, so ``LearningRateMonitor`` logs the lr actually used whatever the callback order.
 
     Args:
         warmup: length of the linear warmup: a fraction of the total optimizer steps (float in [0, 1),
@@ -148,50 +143,6 @@ class WarmupCosine(pl.Callback):
         self._groups = [(group, lr) for opt, base in zip(trainer.optimizers, self.base_lrs)
                         for group, lr in zip(opt.param_groups, base)]
         self._apply(trainer)
-        self._attach_step_hook(trainer, pl_module)
-
-    def _attach_step_hook(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Set the next lr from a post-hook of the optimizer's ``step`` where that is exact, else at batch end.
-
-        Exact when every optimizer step Lightning counts runs the torch optimizer's ``step``: one optimizer,
-        automatic optimization, no ``GradScaler`` (it skips ``step`` on overflow) and Lightning's plain
-        single-device or DDP strategy (others may step through their own engine). The hook saves Lightning's
-        per-batch dispatch (a profiler context and property lookups, about 6 us of a CPU step).
-        """
-        self._detach_step_hook()
-        opts = trainer.optimizers
-        progress = self._progress
-        if (progress is None or not pl_module.automatic_optimization or len(opts) != 1
-                or not isinstance(opts[0], torch.optim.Optimizer)
-                or getattr(trainer.precision_plugin, "scaler", None) is not None
-                or type(trainer.strategy) not in (SingleDeviceStrategy, DDPStrategy)
-                or progress.ready != progress.completed):
-            vars(self).pop("on_train_batch_end", None)  # the batch-end hook (the class's method)
-            return
-        callbacks_of = trainer
-
-        def after_step(optimizer: Any, args: Any, kwargs: Any) -> None:
-            # Inside Lightning's optimizer step its counter has this step as started (`ready`), not yet as
-            # completed: `ready` is the number of the next step.
-            if self in callbacks_of.callbacks:  # a callback taken off the Trainer stops scheduling
-                self._apply_at(progress.ready)
-
-        self._step_hook = opts[0].register_step_post_hook(after_step)
-        self.on_train_batch_end = None  # type: ignore[assignment]
-
-    def _detach_step_hook(self) -> None:
-        hook = self.__dict__.pop("_step_hook", None)
-        if hook is not None:
-            hook.remove()
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._detach_step_hook()
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._detach_step_hook()
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._detach_step_hook()
 
     def _plan(self, total: int) -> None:
         warmup = round(self.warmup * total) if isinstance(self.warmup, float) else self.warmup
@@ -215,13 +166,10 @@ class WarmupCosine(pl.Callback):
         )
 
     def _apply(self, trainer: pl.Trainer) -> None:
-        progress = self._progress
-        self._apply_at(progress.completed if progress is not None else trainer.global_step)
-
-    def _apply_at(self, step: int) -> None:
-        """Set every group's lr to its base lr times the factor of optimizer step ``step``."""
         if self.base_lrs is None:
             return
+        progress = self._progress
+        step = progress.completed if progress is not None else trainer.global_step
         if self._factor_step == -1:  # first step of a fit or of a resume: check the arguments once
             self._factor = self.lr_factor(step)
             self._start = resolve_start_factor(self.start_factor, self.warmup_steps or 0)
