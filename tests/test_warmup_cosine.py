@@ -201,3 +201,48 @@ def test_gradient_accumulation_scheduler_is_refused() -> None:
     trainer = quiet_trainer(max_epochs=2, callbacks=[WarmupCosine(), GradientAccumulationScheduler({1: 2})])
     with pytest.raises(ValueError, match="GradientAccumulationScheduler"):
         trainer.fit(TinyNet(), loader())
+
+
+class _ManualNet(TinyNet):
+    def __init__(self) -> None:
+        super().__init__(lr=0.05)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_manual_optimization_gets_the_same_curve(manual: bool) -> None:
+    lrs: list[float] = []
+
+    class Before(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    model = _ManualNet() if manual else TinyNet(lr=0.05)
+    quiet_trainer(max_steps=12, callbacks=[WarmupCosine(warmup=3, min_lr_ratio=0.1), Before()]).fit(model, loader())
+    assert lrs == pytest.approx([expected(s, 12, 3, 0.05, min_lr_ratio=0.1) for s in range(12)], abs=1e-12)
+
+
+def test_a_schedule_taken_off_the_trainer_stops() -> None:
+    lrs: list[float] = []
+    schedule = WarmupCosine(warmup=0, min_lr_ratio=0.0)
+
+    class Remove(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+            if trainer.global_step == 3:
+                trainer.callbacks.remove(schedule)
+
+    quiet_trainer(max_steps=6, callbacks=[schedule, Remove()]).fit(TinyNet(lr=0.05), loader(64, 8))
+    curve = [expected(s, 6, 0, 0.05) for s in range(6)]
+    assert lrs[:4] == pytest.approx(curve[:4], abs=1e-12)
+    assert lrs[4:] == pytest.approx([curve[3]] * 2, abs=1e-12)  # frozen at the last lr it set
+

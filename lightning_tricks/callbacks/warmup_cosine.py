@@ -19,8 +19,9 @@ class WarmupCosine(pl.Callback):
     The lr is a pure function of ``trainer.global_step`` (optimizer steps), so the curve is the same
     for any ``accumulate_grad_batches``, number of devices, ``limit_train_batches``, ``max_steps`` or
     ``max_epochs``. Every group of every optimizer is scaled from its *own* base lr, so discriminative
-    lrs keep their ratios. The callback sets the lr at the start of each training batch and again right
-    after each step, so ``LearningRateMonitor`` logs the lr actually used whatever the callback order.
+    lrs keep their ratios. The lr of the next step is set at the end of each training batch, once the step
+    counter has moved (where Lightning steps its own schedulers), and the first one at train start, so
+    ``LearningRateMonitor`` logs the lr actually used.
 
     Args:
         warmup: length of the linear warmup: a fraction of the total optimizer steps (float in [0, 1),
