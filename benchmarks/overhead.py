@@ -405,12 +405,17 @@ def main() -> None:
                 lines.append(f"- sync sites, {c}: {top}")
         lines.append("")
         print("\n".join(lines[-(len(args.configs) + 4):]), flush=True)
+    report(args.out, "overhead", lines, results)
+
+
+def report(out: Path | None, stem: str, lines: list[str], results: dict[str, Any]) -> None:
+    """Print the table and, with ``--out``, write it as ``<stem>.md`` and the figures as ``<stem>.json``."""
     text = "\n".join(lines)
     print("\n" + text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "overhead.json").write_text(json.dumps(results, indent=1))
-        (args.out / "overhead.md").write_text(text + "\n")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+        (out / f"{stem}.md").write_text(text + "\n")
 
 
 def toggled(args: argparse.Namespace) -> None:
@@ -436,12 +441,7 @@ def toggled(args: argparse.Namespace) -> None:
         lines.append(f"| {c} | {plain_ms:.2f} | {added:+.3f} | {ratio:.3f}x | {min(ratios):.3f}-{max(ratios):.3f} |")
         results["configs"][c] = {"ratio": ratio, "ratios": ratios, "plain_ms": plain_ms, "added_ms": added}
         print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print("\n" + text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "overhead_toggled.json").write_text(json.dumps(results, indent=1))
-        (args.out / "overhead_toggled.md").write_text(text + "\n")
+    report(args.out, "overhead_toggled", lines, results)
 
 
 if __name__ == "__main__":
