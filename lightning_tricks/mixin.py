@@ -38,6 +38,7 @@ class _Plan(NamedTuple):
     size: int
     batch: list[TrickCallback]
     target: list[TrickCallback]
+    target_rest: list[TrickCallback]  # target[1:], for when the first one built the soft targets from indices
     loss: list[TrickCallback]
     eager: bool  # every target trick depends on the batch alone: soft targets may be built in the seam
     tables: dict[Any, Tensor]  # (num_classes, device) -> identity table: one-hot rows by one gather
@@ -58,8 +59,8 @@ def _make_plan(trainer: Any) -> _Plan:
 
     callbacks = trainer.callbacks
     tricks = sorted((cb for cb in callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
-    plan = _Plan(callbacks, len(callbacks), [cb for cb in tricks if cb.transforms_batch],
-                 [cb for cb in tricks if cb.transforms_target],
+    target = [cb for cb in tricks if cb.transforms_target]
+    plan = _Plan(callbacks, len(callbacks), [cb for cb in tricks if cb.transforms_batch], target, target[1:],
                  [cb for cb in tricks if cb.transforms_loss],
                  any(cb.transforms_target for cb in tricks)
                  and all(cb.targets_before_forward for cb in tricks if cb.transforms_target), {})
@@ -158,7 +159,7 @@ class TricksMixin:
         if indices:
             # the first trick may build its soft targets straight from the indices (label smoothing: 1 gather)
             soft = plan.target[0].tricks_soft_from_indices(self, target, num_classes)
-        rest = plan.target if soft is None else plan.target[1:]
+        rest = plan.target if soft is None else plan.target_rest
         if soft is None and indices:  # one-hot rows by one gather from a cached identity table
             table = plan.tables.get((num_classes, target.device))
             if table is None:

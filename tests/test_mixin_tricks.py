@@ -392,7 +392,7 @@ def test_batch_mode_block_draws() -> None:
         progress = SimpleNamespace(total=SimpleNamespace(ready=counter))
         trainer = SimpleNamespace(global_rank=0,
                                   fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
-        keep, cut, lam, box, index = mix._batch_draw(trainer, n, (16,), torch.device("cpu"))  # type: ignore[arg-type]
+        keep, cut, lam, box, index = mix._batch_draw(trainer, torch.empty(n, 1, 16))  # type: ignore[arg-type]
         return keep, cut, lam, box, index.tolist()
 
     steps = 3 * _BLOCK + 5

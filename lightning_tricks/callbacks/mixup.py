@@ -94,6 +94,7 @@ class Mixup(TrickCallback):
         self.stop_epoch = stop_epoch
         self.seed = seed
         self._pending: tuple[float | Tensor, Tensor] | None = None
+        self._last_block: tuple[Any, ...] | None = None  # (block, input shape, seed, the block's per-batch draws)
         skip_unused_batch_hooks(self)
 
     # ------------------------------------------------------------------ state
@@ -101,7 +102,7 @@ class Mixup(TrickCallback):
         super().setup(trainer, pl_module, stage)
         if self.seed is None:
             self.seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) % 2**63
-        self._last_block: tuple[Any, ...] | None = None  # per fit: the device and the rank are fixed within one
+        self._last_block = None  # per fit: the device and the rank are fixed within one
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed}
@@ -133,8 +134,8 @@ class Mixup(TrickCallback):
         self._bitgen.state = state
         return self._gen
 
-    def _batch_draw(self, trainer: pl.Trainer, n: int, spatial: tuple[int, ...],
-                    device: torch.device) -> tuple[bool, bool, float, list[tuple[int, int]] | None, Tensor]:
+    def _batch_draw(self, trainer: pl.Trainer,
+                    x: Tensor) -> tuple[bool, bool, float, list[tuple[int, int]] | None, Tensor]:
         """``(keep, use_cut, lam, box, index)`` of this batch in ``"batch"`` mode.
 
         Drawn for ``_BLOCK`` batches at once (vectorised NumPy, one host-to-device copy of the block's permutations)
@@ -144,9 +145,11 @@ class Mixup(TrickCallback):
         """
         counter = trainer.fit_loop.epoch_loop.batch_progress.total.ready
         block = counter // _BLOCK
-        last = self.__dict__.get("_last_block")
-        if last is not None and last[0] == block and last[1] == n and last[2] == spatial and last[3] == self.seed:
-            return last[4][counter % _BLOCK]  # the usual case: the same block as the previous batch
+        shape = x.shape
+        last = self._last_block
+        if last is not None and last[0] == block and last[1] == shape and last[2] == self.seed:
+            return last[3][counter % _BLOCK]  # the usual case: the same block (and input shape) as the previous batch
+        n, spatial, device = shape[0], tuple(shape[2:]), x.device
         key = (self.seed, trainer.global_rank, block, n, spatial, device)
         blocks = self.__dict__.setdefault("_blocks", {})
         rows = blocks.get(key)
@@ -155,7 +158,7 @@ class Mixup(TrickCallback):
             if len(blocks) >= 2:  # the last batch of an epoch may be smaller: keep both sizes' blocks
                 blocks.pop(next(iter(blocks)))
             blocks[key] = rows
-        self._last_block = (block, n, spatial, self.seed, rows)
+        self._last_block = (block, shape, self.seed, rows)
         return rows[counter % _BLOCK]
 
     def _draw_block(self, rng: np.random.Generator, n: int, spatial: tuple[int, ...],
@@ -195,9 +198,8 @@ class Mixup(TrickCallback):
             return x
         if self.alpha > 0 and not x.is_floating_point():
             raise TypeError(f"MixUp blends inputs and needs floating-point ones, got {x.dtype}.")
-        device = x.device
         if self.mode == "batch":
-            keep, use_cut, lam_mix, box, index = self._batch_draw(trainer, x.shape[0], tuple(x.shape[2:]), device)
+            keep, use_cut, lam_mix, box, index = self._batch_draw(trainer, x)
             if keep:
                 return x
             if use_cut:
@@ -208,6 +210,7 @@ class Mixup(TrickCallback):
                 lam = lam_mix
                 mixed = mix_pair(x, lam, index)
         else:
+            device = x.device
             d = self._draw_per_sample(self._rng(trainer), x.shape[0], tuple(x.shape[2:]))
             index = _to_device(torch.from_numpy(d["index"]), device)
             lam_np = np.where(d["keep"], 1.0, np.where(d["use_cut"], 0.0, d["lam"])).astype(np.float32)
