@@ -18,10 +18,11 @@ def test_uniform_equals_torch_label_smoothing() -> None:
         assert abs(ours.item() - ref.item()) <= 1e-6
 
 
-@pytest.mark.parametrize("shape", [(100, 10), (7, 3), (1, 1000), (5,)])
+@pytest.mark.parametrize("shape", [(100, 10), (7, 3), (1, 1000), (5,), (3, 10), (97, 5), (128, 10), (250, 1000)])
 def test_soft_cross_entropy_gradient_is_torchs_bit_for_bit(shape: tuple[int, ...]) -> None:
-    # The soft path is one dot product, not torch's probability-target cross-entropy: the value may differ in the
-    # last bits (sum order), but the gradient must be identical, so that training runs are unchanged bit for bit.
+    # The soft path is one dot product times a cached -1/N, not torch's probability-target cross-entropy: the value
+    # may differ in the last bits (sum order, scaling), but the gradient must be identical, so that training runs
+    # are unchanged bit for bit.
     torch.manual_seed(2)
     z = torch.randn(*shape) * 4
     t = torch.softmax(torch.randn(*shape), dim=-1)

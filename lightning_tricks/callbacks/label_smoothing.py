@@ -55,11 +55,13 @@ class LabelSmoothing(TrickCallback):
     def tricks_soft_from_indices(self, pl_module: TricksMixin, target: Tensor, num_classes: int) -> Tensor | None:
         if target.ndim != 1 or (self.convention == "others" and num_classes < 2):
             return None  # the general path raises the clear errors
-        key = (num_classes, target.device, self.smoothing, self.convention)  # a changed smoothing gets a new table
-        table = self.__dict__.setdefault("_tables", {}).get(key)
-        if table is None:
-            table = self._tables[key] = smoothing_table(num_classes, self.smoothing, self.convention, target.device)
-        return smoothed_one_hot(target, num_classes, self.smoothing, self.convention, table)
+        # The table of the last call, rebuilt when the class count, the device or the arguments change (a changed
+        # smoothing gets a new table): one tuple comparison per step.
+        key = (num_classes, target.device, self.smoothing, self.convention)
+        cached = self.__dict__.get("_table")
+        if cached is None or cached[0] != key:
+            cached = self._table = (key, smoothing_table(num_classes, self.smoothing, self.convention, target.device))
+        return smoothed_one_hot(target, num_classes, self.smoothing, self.convention, cached[1])
 
     def tricks_dominant_class(self, pl_module: TricksMixin, hard: Tensor, num_classes: int) -> Tensor | None:
         # Smoothing keeps the labelled class on top unless the wrong classes' share overtakes it ("others" with
