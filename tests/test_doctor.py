@@ -49,6 +49,15 @@ def test_lr_far_too_small() -> None:
     assert f.evidence["max_update_ratio"] < 1e-5 and "far too small" in f.advice[0]
 
 
+class DeviceRecords(TrainingDoctor):
+    """The accelerator's records on the CPU: loss and input probe kept as device scalars every step, read once per
+    epoch (the CPU reads the loss as a float and probes the inputs only where it is non-finite). CI has no GPU."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._on_host = False
+
+
 class SGDNet(TinyNet):
     def __init__(self, lr: float) -> None:
         super().__init__(lr=lr)
@@ -57,8 +66,14 @@ class SGDNet(TinyNet):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 
-def test_lr_far_too_large_until_nan() -> None:
-    doctor = _run(SGDNet(lr=1e12), loader(128, 16), epochs=3, callbacks=[GradientMonitor(log_every_n_steps=1)])
+@pytest.mark.parametrize("device_records", [False, True])
+def test_lr_far_too_large_until_nan(device_records: bool) -> None:
+    doctor = DeviceRecords() if device_records else TrainingDoctor()
+    trainer = quiet_trainer(max_epochs=3, callbacks=[GradientMonitor(log_every_n_steps=1), doctor])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(SGDNet(lr=1e12), loader(128, 16))
+    assert _codes(doctor, "error") == {"nonfinite_loss"}
     f = next(f for f in doctor.findings if f.code == "nonfinite_loss")
     assert f.severity == "error" and f.evidence["nonfinite_loss_steps"] > 0
     assert any("lr too large" in a for a in f.advice)
@@ -100,14 +115,37 @@ def test_shuffled_labels_loss_does_not_fall() -> None:
     assert any("labels" in a for a in f.advice)
 
 
-def test_nan_in_the_data() -> None:
+@pytest.mark.parametrize("doctor_cls", [TrainingDoctor, DeviceRecords])
+def test_nan_in_the_data(doctor_cls: type[TrainingDoctor]) -> None:
     data = make_data(64)
     data.tensors[0][37, 0, 3] = float("nan")  # batch 4 of 8 holds a NaN
-    doctor = _run(TinyNet(), DataLoader(data, batch_size=8), epochs=2)
-    f = next(f for f in doctor.findings if f.severity == "error")
+    doctor = doctor_cls()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quiet_trainer(max_epochs=2, callbacks=[doctor]).fit(TinyNet(), DataLoader(data, batch_size=8))
+    assert _codes(doctor, "error") == {"nonfinite_data"}  # the first NaN loss came with the NaN input
+    f = doctor.findings[0]
     assert f.evidence["nonfinite_input_batches"] == 1 and f.evidence["first_nonfinite_input_step"] == 4
     assert f.evidence["first_nonfinite_loss_step"] == 4  # the same step
+    assert f.evidence["nonfinite_loss_steps"] == 4  # steps 4-7: the NaN update made the weights NaN
     assert "NaN/inf in the data (first at step 4)" in f.advice[0]
+    assert len(doctor.history) == 2 and doctor.history[0].nonfinite_loss_steps == 4
+
+
+class CopesWithNaN(TinyNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.nan_to_num(x))  # missing values on purpose: the model handles them
+
+
+@pytest.mark.parametrize("doctor_cls", [TrainingDoctor, DeviceRecords])
+def test_nan_inputs_the_model_handles_raise_nothing(doctor_cls: type[TrainingDoctor]) -> None:
+    data = make_data(64)
+    data.tensors[0][::5, 0, 3] = float("nan")
+    doctor = doctor_cls()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quiet_trainer(max_epochs=2, callbacks=[doctor]).fit(CopesWithNaN(), DataLoader(data, batch_size=8))
+    assert not _codes(doctor, "error") and all(e.nonfinite_loss_steps == 0 for e in doctor.history)
 
 
 class Spiky(TinyNet):

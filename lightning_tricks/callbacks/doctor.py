@@ -85,9 +85,13 @@ class TrainingDoctor(pl.Callback):
     (``doctor/warnings``, ``doctor/errors``) and is written as ``doctor_report.md`` and ``doctor_report.json``
     next to the logs (the logger's ``log_dir``, else ``default_root_dir``; or ``out_dir``).
 
-    Cost: one small kernel per step on the device (the float32 sum of the inputs, a probe that is non-finite
-    exactly when an input is NaN/inf); the step loss and that probe are kept as device scalars and the host reads
-    them once per epoch.
+    Inputs are judged at the steps whose loss is NaN/inf: the float32 sum of the batch's floating inputs, a probe that
+    is non-finite exactly when an input is, tells bad data from bad numerics there (a model that copes with NaN
+    inputs on purpose, e.g. by ``nan_to_num``, raises no alarm while its loss stays finite).
+
+    Cost: on an accelerator, the step loss and that probe are kept as device scalars (one small kernel per step) and
+    the host reads them once per epoch, never in between. On the CPU, where the loss already is host memory, the
+    loss is read as a float each step (no sync there) and the inputs are summed only when it is non-finite.
 
     Args:
         train_loss: the logged training loss (``<name>_epoch`` is used when it exists).
@@ -135,16 +139,19 @@ class TrainingDoctor(pl.Callback):
 
     def _reset_epoch(self) -> None:
         # Per training batch: the step loss and a probe of the inputs (their float32 sum: non-finite exactly when
-        # an input is NaN/inf, short of a float32 overflow of the sum) as device scalars, and the optimizer step
-        # as a host int. Stacked every `_CHUNK` batches, read by the host once per epoch.
-        self._losses: list[Tensor] = []
-        self._probes: list[Tensor] = []
+        # an input is NaN/inf, short of a float32 overflow of the sum), and the optimizer step as a host int.
+        # Accelerators: device scalars, stacked every `_CHUNK` batches, read by the host once per epoch. CPU: floats
+        # (the probe only where the loss is non-finite, 0.0 elsewhere).
+        self._losses: list[Any] = []
+        self._probes: list[Any] = []
         self._steps: list[int] = []
         self._chunks: list[Tensor] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._step_of_batch = trainer.global_step  # after a resume's restore: the step the first batch feeds
         self._progress = global_step_progress(trainer, pl_module)
+        self._on_host = pl_module.device.type == "cpu"
+        self._reset_epoch()  # (a list of the other kind from a previous fit on another device must not be mixed in)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -156,22 +163,19 @@ class TrainingDoctor(pl.Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, Tensor):
             return  # a skipped step (training_step returned None)
-        tensors = _float_tensors(batch)
-        if len(tensors) == 1:
-            x = tensors[0]
-            probe = x.sum() if x.dtype == torch.float32 else x.sum(dtype=torch.float32)
-        elif tensors:
-            probe = torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum()
-        else:
-            probe = loss.new_zeros((), dtype=torch.float32)
-        self._losses.append(loss.detach() if loss.requires_grad else loss)  # Lightning's outputs are detached
-        self._probes.append(probe)
         self._steps.append(step)
+        if self._on_host and loss.device.type == "cpu":  # host memory: reading it is no sync
+            value = float(loss)
+            self._losses.append(value)
+            self._probes.append(0.0 if math.isfinite(value) else float(_probe(batch, loss)))
+            return
+        self._losses.append(loss.detach() if loss.requires_grad else loss)  # Lightning's outputs are detached
+        self._probes.append(_probe(batch, loss))
         if len(self._losses) == _CHUNK:
             self._stack_chunk()
 
     def _stack_chunk(self) -> None:
-        if self._losses:
+        if self._losses and isinstance(self._losses[0], Tensor):
             losses = torch.stack([t.reshape(()) for t in self._losses]).float()
             self._chunks.append(torch.stack([losses, torch.stack(self._probes)], dim=1))
             self._losses, self._probes = [], []
@@ -181,11 +185,15 @@ class TrainingDoctor(pl.Callback):
         if trainer.sanity_checking:
             return
         self._stack_chunk()
-        rows = np.asarray(torch.cat(self._chunks).tolist(), dtype=np.float64) if self._chunks else np.zeros((0, 2))
+        if self._chunks:
+            rows = np.asarray(torch.cat(self._chunks).tolist(), dtype=np.float64)
+        else:  # the CPU's floats (or nothing)
+            rows = np.asarray([self._losses, self._probes], dtype=np.float64).T.reshape(-1, 2)
         steps = np.asarray(self._steps, dtype=int)
         self._reset_epoch()
-        losses, finite_in = rows[:, 0], np.isfinite(rows[:, 1])
+        losses = rows[:, 0]
         ok = np.isfinite(losses)
+        finite_in = np.isfinite(rows[:, 1]) | ok  # inputs are judged where the loss is non-finite only
         m = trainer.callback_metrics
         rec = _Epoch(
             epoch=trainer.current_epoch,
@@ -298,6 +306,8 @@ class TrainingDoctor(pl.Callback):
 
     def _nonfinite(self, trainer: pl.Trainer, rec: _Epoch, first_bad_loss: int, bad_inputs: int,
                    first_bad_input: int) -> None:
+        if any(f.code in ("nonfinite_data", "nonfinite_loss") for f in self.findings):
+            return  # reported when it first appeared (a NaN loss usually stays NaN: the weights are NaN by then)
         ev: dict[str, Any] = {"nonfinite_loss_steps": rec.nonfinite_loss_steps, "lr": rec.lr}
         if first_bad_loss >= 0:
             ev["first_nonfinite_loss_step"] = first_bad_loss
@@ -319,8 +329,9 @@ class TrainingDoctor(pl.Callback):
                    "clip gradients (gradient_clip_val=1.0)",
                    "numerics: use log_softmax/cross_entropy rather than log(softmax), add eps to divisions and logs, "
                    "prefer bf16 to fp16"]
-        if rec.nonfinite_loss_steps == 0 and bad_inputs:
-            self._add(trainer, "nonfinite_data", "error", "the training data holds NaN/inf values", ev, advice)
+        if bad_inputs and first_bad_input == first_bad_loss:  # the first NaN/inf loss came with NaN/inf inputs
+            self._add(trainer, "nonfinite_data", "error", "the training data holds NaN/inf values (the loss became "
+                      "NaN/inf at the first step whose inputs did)", ev, advice)
         else:
             self._add(trainer, "nonfinite_loss", "error", "the loss became NaN/inf", ev, advice)
 
@@ -372,6 +383,18 @@ class TrainingDoctor(pl.Callback):
 def _metric(m: dict[str, Tensor], key: str) -> float | None:
     v = m.get(key)
     return None if v is None else float(v)
+
+
+def _probe(batch: Any, loss: Tensor) -> Tensor:
+    """The float32 sum of the batch's floating tensors: non-finite exactly when one of them holds NaN/inf (short of a
+    float32 overflow of the sum); 0 for a batch without floating tensors."""
+    tensors = _float_tensors(batch)
+    if len(tensors) == 1:
+        x = tensors[0]
+        return x.sum() if x.dtype == torch.float32 else x.sum(dtype=torch.float32)
+    if tensors:
+        return torch.stack([t.sum(dtype=torch.float32) for t in tensors]).sum()
+    return loss.new_zeros((), dtype=torch.float32)
 
 
 def _float_tensors(batch: Any) -> list[Tensor]:
