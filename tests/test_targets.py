@@ -39,6 +39,19 @@ def test_soft_cross_entropy_gradient_is_torchs_bit_for_bit(shape: tuple[int, ...
     assert abs(ours.item() - expected.item()) <= 1e-5
 
 
+def test_soft_cross_entropy_first_called_in_inference_mode_still_trains() -> None:
+    # The per-(N, device) scale is cached: made under inference mode (a validation step), it must still be usable
+    # by autograd in a later training step.
+    z, t = torch.randn(13, 3), torch.softmax(torch.randn(13, 3), dim=-1)
+    with torch.inference_mode():
+        soft_cross_entropy(z, t)
+    zz = z.clone().requires_grad_()
+    soft_cross_entropy(zz, t).backward()
+    ref = z.clone().requires_grad_()
+    F.cross_entropy(ref, t).backward()
+    assert torch.equal(zz.grad, ref.grad)
+
+
 def test_soft_cross_entropy_other_layouts_take_torchs_path() -> None:
     torch.manual_seed(3)
     z = torch.randn(4, 5, 6)  # (N, K, d): the class dimension is not the last one

@@ -242,5 +242,7 @@ def _neg_reciprocal(n: int, device: torch.device) -> Tensor:
     if scale is None:
         if len(_NEG_RECIPROCALS) >= 64:  # many batch sizes (variable-size batches): keep the cache small
             _NEG_RECIPROCALS.clear()
-        scale = _NEG_RECIPROCALS[key] = torch.ones((), dtype=torch.float32, device=device).div_(-n)
+        with torch.inference_mode(False):  # a normal tensor even when first made under inference mode (validation):
+            # autograd saves it in training, which an inference tensor would refuse
+            scale = _NEG_RECIPROCALS[key] = torch.ones((), dtype=torch.float32, device=device).div_(-n)
     return scale
