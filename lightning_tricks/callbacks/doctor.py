@@ -89,9 +89,8 @@ class TrainingDoctor(pl.Callback):
     is non-finite exactly when an input is, tells bad data from bad numerics there (a model that copes with NaN
     inputs on purpose, e.g. by ``nan_to_num``, raises no alarm while its loss stays finite).
 
-    Cost: on an accelerator, the step loss and that probe are kept as device scalars (one small kernel per step) and
-    the host reads them once per epoch, never in between. On the CPU, where the loss already is host memory, the
-    loss is read as a float each step (no sync there) and the inputs are summed only when it is non-finite.
+    Cost: one small kernel per step on the device (that probe); the step loss and the probe are kept as device
+    scalars and the host reads them once per epoch, never in between.
 
     Args:
         train_loss: the logged training loss (``<name>_epoch`` is used when it exists).
@@ -139,19 +138,16 @@ class TrainingDoctor(pl.Callback):
 
     def _reset_epoch(self) -> None:
         # Per training batch: the step loss and a probe of the inputs (their float32 sum: non-finite exactly when
-        # an input is NaN/inf, short of a float32 overflow of the sum), and the optimizer step as a host int.
-        # Accelerators: device scalars, stacked every `_CHUNK` batches, read by the host once per epoch. CPU: floats
-        # (the probe only where the loss is non-finite, 0.0 elsewhere).
-        self._losses: list[Any] = []
-        self._probes: list[Any] = []
+        # an input is NaN/inf, short of a float32 overflow of the sum) as device scalars, and the optimizer step
+        # as a host int. Stacked every `_CHUNK` batches, read by the host once per epoch.
+        self._losses: list[Tensor] = []
+        self._probes: list[Tensor] = []
         self._steps: list[int] = []
         self._chunks: list[Tensor] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._step_of_batch = trainer.global_step  # after a resume's restore: the step the first batch feeds
         self._progress = global_step_progress(trainer, pl_module)
-        self._on_host = pl_module.device.type == "cpu"
-        self._reset_epoch()  # (a list of the other kind from a previous fit on another device must not be mixed in)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -164,18 +160,13 @@ class TrainingDoctor(pl.Callback):
         if not isinstance(loss, Tensor):
             return  # a skipped step (training_step returned None)
         self._steps.append(step)
-        if self._on_host and loss.device.type == "cpu":  # host memory: reading it is no sync
-            value = float(loss)
-            self._losses.append(value)
-            self._probes.append(0.0 if math.isfinite(value) else float(_probe(batch, loss)))
-            return
         self._losses.append(loss.detach() if loss.requires_grad else loss)  # Lightning's outputs are detached
         self._probes.append(_probe(batch, loss))
         if len(self._losses) == _CHUNK:
             self._stack_chunk()
 
     def _stack_chunk(self) -> None:
-        if self._losses and isinstance(self._losses[0], Tensor):
+        if self._losses:
             losses = torch.stack([t.reshape(()) for t in self._losses]).float()
             self._chunks.append(torch.stack([losses, torch.stack(self._probes)], dim=1))
             self._losses, self._probes = [], []
@@ -185,10 +176,7 @@ class TrainingDoctor(pl.Callback):
         if trainer.sanity_checking:
             return
         self._stack_chunk()
-        if self._chunks:
-            rows = np.asarray(torch.cat(self._chunks).tolist(), dtype=np.float64)
-        else:  # the CPU's floats (or nothing)
-            rows = np.asarray([self._losses, self._probes], dtype=np.float64).T.reshape(-1, 2)
+        rows = np.asarray(torch.cat(self._chunks).tolist(), dtype=np.float64) if self._chunks else np.zeros((0, 2))
         steps = np.asarray(self._steps, dtype=int)
         self._reset_epoch()
         losses = rows[:, 0]
