@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import pickle
 from collections import Counter
 from collections.abc import Generator
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 from lightning.pytorch.profilers import Profiler
 
 from lightning_tricks import (
@@ -18,7 +20,7 @@ from lightning_tricks import (
     TrainingDoctor,
     WarmupCosine,
 )
-from lightning_tricks.callbacks._dispatch import PER_BATCH_HOOKS, global_step_progress
+from lightning_tricks.callbacks._dispatch import PER_BATCH_HOOKS, SharedBatchEnd, global_step_progress
 from tests.conftest import TinyNet, loader, quiet_trainer
 
 
@@ -146,3 +148,56 @@ def test_global_step_record_follows_the_counter(tmp_path: Any) -> None:
     manual = StepRecord()
     quiet_trainer(max_steps=5, callbacks=[manual]).fit(ManualNet(), loader())
     assert manual.checked == 5
+
+
+class BatchEndLog(pl.Callback):
+    """Another library's batch-end hook: records the lr it sees and how many doctor records exist by then."""
+
+    def __init__(self, doctor: TrainingDoctor) -> None:
+        self.doctor = doctor
+        self.seen: list[tuple[float, int]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.seen.append((trainer.optimizers[0].param_groups[0]["lr"], len(self.doctor._steps)))
+
+
+def test_neighbouring_batch_end_hooks_share_one_dispatch_in_order() -> None:
+    callbacks = recipe_six()
+    schedule, doctor = callbacks[0], callbacks[-1]
+    after = BatchEndLog(doctor)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[*callbacks, after])
+    trainer.fit(TinyNet(), loader())
+    # Grouped: the schedule's hook runs the doctor's too; the callbacks in between have none (the monitor on a CPU).
+    shared = vars(schedule)["on_train_batch_end"]
+    assert isinstance(shared, SharedBatchEnd) and [cb for _, cb in shared.hooks] == [schedule, doctor]
+    assert vars(doctor)["on_train_batch_end"] is None
+    # Both ran at every batch before the later callback: it sees the next step's lr and the doctor's new record.
+    base = schedule.base_lrs[0][0]
+    assert after.seen == [(pytest.approx(base * schedule.lr_factor(i + 1)), i + 1) for i in range(8)]
+
+
+def test_a_foreign_batch_end_hook_between_keeps_lightnings_order() -> None:
+    callbacks = recipe_six()
+    schedule, doctor = callbacks[0], callbacks[-1]
+    between = BatchEndLog(doctor)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[*callbacks[:-1], between, doctor])
+    trainer.fit(TinyNet(), loader())
+    assert "on_train_batch_end" not in vars(schedule) and "on_train_batch_end" not in vars(doctor)
+    base = schedule.base_lrs[0][0]
+    # After the schedule's hook (the new lr), before the doctor's (its record of this batch not yet there).
+    assert between.seen == [(pytest.approx(base * schedule.lr_factor(i + 1)), i) for i in range(8)]
+
+
+def test_grouped_callbacks_pickle_and_regroup_per_fit() -> None:
+    callbacks = recipe_six()
+    trainer = quiet_trainer(max_epochs=1, callbacks=callbacks)  # GradientMonitor's per-fit caches included
+    trainer.fit(TinyNet(), loader())
+    copies = pickle.loads(pickle.dumps(callbacks))
+    shared = vars(copies[0])["on_train_batch_end"]
+    assert [cb for _, cb in shared.hooks] == [copies[0], copies[-1]]
+    # A later fit with a profiler: every callback back to its own hook (its time under its own name).
+    profiler = CountingProfiler()
+    quiet_trainer(max_epochs=1, callbacks=copies, profiler=profiler).fit(TinyNet(), loader())
+    assert "on_train_batch_end" not in vars(copies[0]) and "on_train_batch_end" not in vars(copies[-1])
+    assert profiler.counts["[Callback]TrainingDoctor.on_train_batch_end"] == 8
+    assert len(copies[-1].history) == 1 and copies[-1].history[0].nonfinite_loss_steps == 0

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tricks.callbacks._base import TrickCallback
-from lightning_tricks.callbacks._dispatch import skip_unused_batch_hooks
+from lightning_tricks.callbacks._dispatch import share_train_batch_end, skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_number
 from lightning_tricks.functional.distillation import soft_distillation_loss
 
@@ -59,6 +59,8 @@ class Distillation(TrickCallback):
         #   init_args: {teacher: teacher.ckpt, teacher_class: my_project.models.BigNet}
     """
 
+    #: Its batch-end hook may run inside a neighbour's single Lightning dispatch (see ``share_train_batch_end``).
+    shares_train_batch_end = True
     order = 30
     transforms_batch = True
     transforms_loss = True
@@ -105,6 +107,9 @@ class Distillation(TrickCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.teacher.to(pl_module.device)
         self._freeze()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        share_train_batch_end(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.teacher.eval()  # cheap insurance against user code that calls .train() on everything it can reach

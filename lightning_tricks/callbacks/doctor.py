@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_tricks.callbacks._dispatch import global_step_progress, skip_unused_batch_hooks
+from lightning_tricks.callbacks._dispatch import global_step_progress, share_train_batch_end, skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_number
 
 SEVERITIES = ("info", "warning", "error")
@@ -104,6 +104,9 @@ class TrainingDoctor(pl.Callback):
         out_dir: where to write the report (default: next to the logs).
     """
 
+    #: Its batch-end hook may run inside a neighbour's single Lightning dispatch (see ``share_train_batch_end``).
+    shares_train_batch_end = True
+
     def __init__(
         self,
         train_loss: str = "train_loss",
@@ -148,6 +151,7 @@ class TrainingDoctor(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._step_of_batch = trainer.global_step  # after a resume's restore: the step the first batch feeds
         self._progress = global_step_progress(trainer, pl_module)
+        share_train_batch_end(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_tricks.callbacks._dispatch import global_step_progress, skip_unused_batch_hooks
+from lightning_tricks.callbacks._dispatch import global_step_progress, share_train_batch_end, skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_choice, check_number
 from lightning_tricks.functional.gradients import GradientLayout, group_norms
 
@@ -72,6 +72,9 @@ class GradientMonitor(pl.Callback):
       says whether the checkpoint's weights are finite. At the latest it is caught at the logging step.
     * DDP: read at logging steps only (every rank at the same step, so all ranks stop together).
     """
+
+    #: Its batch-end hook may run inside a neighbour's single Lightning dispatch (see ``share_train_batch_end``).
+    shares_train_batch_end = True
 
     def __init__(
         self,
@@ -136,7 +139,8 @@ class GradientMonitor(pl.Callback):
         self._first_optimizer: Any = None
         self._progress: Any = None  # the global-step record, from on_train_start
         # The batch-end hook only reads the GPU flag copy: elsewhere hide it from Lightning's dispatcher for this fit.
-        if device.type == "cuda" and self._single:
+        self.wants_train_batch_end = device.type == "cuda" and self._single
+        if self.wants_train_batch_end:
             vars(self).pop("on_train_batch_end", None)
         else:
             self.on_train_batch_end = None  # type: ignore[assignment]
@@ -155,8 +159,13 @@ class GradientMonitor(pl.Callback):
         self._lr_of_group = self._lr_locations(trainer)
         self._self_unscaling = any(getattr(o, "_step_supports_amp_scaling", False) for o in trainer.optimizers)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Memoryviews and CUDA events cannot be pickled (a deepcopy or a spawn after a fit); on_fit_start remakes them.
+        return {k: v for k, v in vars(self).items() if k not in ("_cpu_rows", "_event")}
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._progress = global_step_progress(trainer, pl_module)
+        share_train_batch_end(trainer)
 
     def _lr_locations(self, trainer: pl.Trainer) -> list[tuple[int, int]]:
         """For each monitor group, the (optimizer, param group) of its first parameter: where its lr lives."""

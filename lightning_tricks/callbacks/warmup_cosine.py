@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_tricks.callbacks._dispatch import global_step_progress, skip_unused_batch_hooks
+from lightning_tricks.callbacks._dispatch import global_step_progress, share_train_batch_end, skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_number
 from lightning_tricks.functional.schedules import _warmup_cosine, resolve_start_factor, warmup_cosine
 
@@ -47,6 +47,9 @@ class WarmupCosine(pl.Callback):
 
         trainer = L.Trainer(max_epochs=100, callbacks=[WarmupCosine(warmup=0.1)])
     """
+
+    #: Its batch-end hook may run inside a neighbour's single Lightning dispatch (see ``share_train_batch_end``).
+    shares_train_batch_end = True
 
     def __init__(
         self,
@@ -144,6 +147,7 @@ class WarmupCosine(pl.Callback):
         self._groups = [(group, lr) for opt, base in zip(trainer.optimizers, self.base_lrs)
                         for group, lr in zip(opt.param_groups, base)]
         self._apply(trainer)
+        share_train_batch_end(trainer)
 
     def _plan(self, total: int) -> None:
         warmup = round(self.warmup * total) if isinstance(self.warmup, float) else self.warmup
