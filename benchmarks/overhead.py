@@ -28,13 +28,16 @@ and one at the end bound a window; the figure is its wall time per step (logging
 repeats, and the ratio is to ``plain``'s median. (A synchronize at every step, as on the CPU, would charge every
 microsecond of host work before the forward to the step: the device idles while the host prepares the next batch.)
 Host-device syncs are counted with ``torch.cuda.set_sync_debug_mode("warn")`` over the same steps, for steps between
-logging intervals and for logging steps separately.
+logging intervals and for logging steps separately. ``--toggle BLOCK`` on a GPU alternates the modes inside each run
+as on the CPU and times each block (its steps after the first) between two synchronizes: separate runs of the same
+plain ResNet-18 differed by 13-15 ms a step on a shared H100, more than the target.
 
 Usage::
 
     python benchmarks/overhead.py --device cpu                  # 2-core CPU: the MNIST-1D ConvBase, batch 100
     python benchmarks/overhead.py --device cpu --toggle 10      # the same, alternating inside each run (precise)
     python benchmarks/overhead.py --device cuda --out results   # GPU: ResNet-18 @32 px/256, ResNet-50 @160 px/128
+    python benchmarks/overhead.py --device cuda --toggle 20     # the same, alternating inside each run (precise)
 """
 
 from __future__ import annotations
@@ -218,20 +221,44 @@ def fit(model: pl.LightningModule, x: torch.Tensor, y: torch.Tensor, device: str
 
 
 class Toggle(pl.Callback):
-    """Switch between ``plain`` and a configuration every ``block`` steps inside one run (``--toggle``; CPU).
+    """Switch between ``plain`` and a configuration every ``block`` steps inside one run (``--toggle``).
 
     Put it after the :class:`StepTimer`. At a block boundary it swaps the Trainer's callback list (a new list: the
     dispatcher finishes the current hook on the old one) and the module's ``variant``, so the next step runs entirely
     in the other mode. Each timed row is tagged with the mode it ran in.
+
+    With ``windows`` (a GPU, where a step's host time says nothing of its device time) it also times each block
+    between two synchronizes, from the end of its first step to the end of its last: ``blocks`` holds (mode, seconds
+    per step, whether a logging step fell inside). Two synchronizes per block, the same for both modes; in between the
+    host runs ahead of the device as in real training.
     """
 
-    def __init__(self, config: str, callbacks: list[pl.Callback], timer: StepTimer, block: int) -> None:
+    def __init__(self, config: str, callbacks: list[pl.Callback], timer: StepTimer, block: int,
+                 windows: bool = False) -> None:
         self.config, self.tricks, self.timer, self.block = config, callbacks, timer, block
         self.mode = config  # the callbacks are there at the start, so that their setup hooks run
         self.modes: list[str] = []  # one per timed row
+        self.windows = windows
+        self.blocks: list[tuple[str, float, bool]] = []
+        self._t0 = 0.0
+        self._logged = False
+
+    @staticmethod
+    def _sync() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self.modes.append(self.mode)
+        if self.windows:
+            at = len(self.modes) % self.block
+            if at == 1:  # the block's first step (it carries the switch) is left out
+                self._t0, self._logged = self._sync(), False
+            else:
+                self._logged |= trainer.global_step % trainer.log_every_n_steps == 0
+                if at == 0:
+                    self.blocks.append((self.mode, (self._sync() - self._t0) / (self.block - 1), self._logged))
         if len(self.modes) % self.block == 0:
             self.mode = self.config if self.mode == "plain" else "plain"
             rest = [cb for cb in trainer.callbacks if cb not in self.tricks]
@@ -239,25 +266,36 @@ class Toggle(pl.Callback):
             pl_module.variant = self.mode
 
 
-def run_toggled(w: dict[str, Any], config: str, steps: int, block: int, log_every: int) -> tuple[float, float]:
-    """One CPU run alternating ``plain`` and ``config`` every ``block`` steps: their median step times (s).
+def run_toggled(w: dict[str, Any], config: str, steps: int, block: int, log_every: int, device: str = "cpu",
+                precision: str = "32-true", windows: bool = False) -> tuple[float, float]:
+    """One run alternating ``plain`` and ``config`` every ``block`` steps: their median step times (s).
 
-    The first step of every block is left out (it carries the switch), and so are logging steps. Alternating every
-    few steps inside one run cancels the VM's slow speed swings (5-6 % between half-second windows on the 2-core
-    VM), which separate runs cannot.
+    CPU: the time between consecutive batch ends; the first step of every block is left out (it carries the switch),
+    and so are logging steps. GPU (or ``windows``): each block's steps after its first, between two synchronizes
+    (:class:`Toggle`), blocks with a logging step left out. The first two blocks are warm-up. Alternating every few
+    steps inside one run cancels the machine's slow speed swings (5-6 % between half-second windows on the 2-core
+    VM; 13-15 ms for the same ResNet-18 step across separate runs on a shared H100), which separate runs cannot.
     """
     torch.manual_seed(0)
-    x = torch.randn(*w["shape"])
-    y = torch.randint(0, w["classes"], (w["shape"][0],))
+    x = torch.randn(*w["shape"], device=device)
+    if w["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, w["classes"], (w["shape"][0],), device=device)
     model = Net(w["make"](), w["classes"], config, w["channels_last"])
-    timer = StepTimer(cuda=False, warmup=0)
+    timer = StepTimer(cuda=False, warmup=0)  # no sync counting here: the separate runs count syncs
     tricks = callbacks_for(config)
-    toggle = Toggle(config, tricks, timer, block)
-    fit(model, x, y, "cpu", "32-true", steps, log_every, [*tricks, timer, toggle])
+    windows = windows or device == "cuda"
+    toggle = Toggle(config, tricks, timer, block, windows=windows)
+    fit(model, x, y, device, precision, steps, log_every, [*tricks, timer, toggle])
     kept: dict[str, list[float]] = {"plain": [], config: []}
-    for i, ((t, _, logging), mode) in enumerate(zip(timer.rows, toggle.modes)):
-        if i >= 2 * block and i % block != 0 and not logging:
-            kept[mode].append(t)
+    if windows:
+        for mode, t, logging in toggle.blocks[2:]:
+            if not logging:
+                kept[mode].append(t)
+    else:
+        for i, ((t, _, logging), mode) in enumerate(zip(timer.rows, toggle.modes)):
+            if i >= 2 * block and i % block != 0 and not logging:
+                kept[mode].append(t)
     return statistics.median(kept["plain"]), statistics.median(kept[config])
 
 
@@ -313,21 +351,22 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="folder for overhead.json and overhead.md")
     ap.add_argument("--workloads", nargs="+", default=None, help="names of the workloads to run (default: all)")
     ap.add_argument("--toggle", type=int, default=0, metavar="BLOCK",
-                    help="CPU: instead of separate runs, alternate plain and each configuration every BLOCK steps "
-                         "inside one run (600 steps a run unless --steps)")
+                    help="instead of separate runs, alternate plain and each configuration every BLOCK steps "
+                         "inside one run (600 steps a run unless --steps); on a GPU each block is timed between "
+                         "two synchronizes")
+    ap.add_argument("--windows", action="store_true",
+                    help="with --toggle on the CPU: time blocks as on a GPU (to try that code path)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     device = args.device
     steps = args.steps or (120 if device == "cuda" else 150)
     args.repeats = args.repeats or (3 if device == "cuda" else 20)
     precision = "bf16-mixed" if device == "cuda" else "32-true"
-    if args.toggle:
-        if device != "cpu":
-            raise SystemExit("--toggle is for the CPU (a GPU run is measured by its throughput window)")
-        toggled(args)
-        return
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.toggle:
+        toggled(args, device, precision)
+        return
     machine = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     results: dict[str, Any] = {"machine": machine, "torch": torch.__version__, "lightning": pl.__version__,
                                "precision": precision, "steps": steps, "repeats": args.repeats, "workloads": {}}
@@ -418,29 +457,41 @@ def report(out: Path | None, stem: str, lines: list[str], results: dict[str, Any
         (out / f"{stem}.md").write_text(text + "\n")
 
 
-def toggled(args: argparse.Namespace) -> None:
+def toggled(args: argparse.Namespace, device: str, precision: str) -> None:
     """``--toggle``: each configuration against ``plain`` inside the same runs (see :func:`run_toggled`)."""
     steps = args.steps or 600
     repeats = args.repeats
-    w = workloads("cpu")[0]
-    lines = [f"machine: CPU ({torch.get_num_threads()} threads); torch {torch.__version__}; lightning "
-             f"{pl.__version__}; 32-true; {steps} steps a run, plain and the configuration alternating every "
-             f"{args.toggle} steps; {repeats} runs per configuration; log_every_n_steps={args.log_every}", "",
-             f"### {w['name']} (in-run interleaved)", "",
-             "| config | plain step ms (median) | added ms (median) | ratio to plain (median of runs) | "
-             "range of the runs |", "|---|---|---|---|---|"]
-    results: dict[str, Any] = {"machine": f"CPU ({torch.get_num_threads()} threads)", "torch": torch.__version__,
-                               "lightning": pl.__version__, "steps": steps, "block": args.toggle,
-                               "repeats": repeats, "configs": {}}
-    for c in [c for c in args.configs if c != "plain"]:
-        pairs = [run_toggled(w, c, steps, args.toggle, args.log_every) for _ in range(repeats)]
-        ratios = [a / p for p, a in pairs]
-        plain_ms = statistics.median(1e3 * p for p, _ in pairs)
-        added = statistics.median(1e3 * (a - p) for p, a in pairs)
-        ratio = statistics.median(ratios)
-        lines.append(f"| {c} | {plain_ms:.2f} | {added:+.3f} | {ratio:.3f}x | {min(ratios):.3f}-{max(ratios):.3f} |")
-        results["configs"][c] = {"ratio": ratio, "ratios": ratios, "plain_ms": plain_ms, "added_ms": added}
-        print(lines[-1], flush=True)
+    machine = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    how = ("per step, the time between batch ends" if device == "cpu" and not args.windows else
+           f"per block, the wall time of its last {args.toggle - 1} steps between two synchronizes")
+    lines = [f"machine: {machine}; torch {torch.__version__}; lightning {pl.__version__}; {precision}; {steps} steps "
+             f"a run, plain and the configuration alternating every {args.toggle} steps ({how}); {repeats} runs per "
+             f"configuration; log_every_n_steps={args.log_every}", ""]
+    results: dict[str, Any] = {"machine": machine, "torch": torch.__version__, "lightning": pl.__version__,
+                               "precision": precision, "steps": steps, "block": args.toggle, "repeats": repeats,
+                               "workloads": {}}
+    for w in workloads(device):
+        if args.workloads and w["name"] not in args.workloads:
+            continue
+        lines += [f"### {w['name']} (in-run interleaved)", "",
+                  "| config | plain step ms (median) | added ms (median) | ratio to plain (median of runs) | "
+                  "range of the runs |", "|---|---|---|---|---|"]
+        entry: dict[str, Any] = {}
+        if device == "cuda":
+            run_one(w, "plain", device, 20, precision, args.log_every)  # warm-up: cudnn autotune, allocator
+        for c in [c for c in args.configs if c != "plain"]:
+            pairs = [run_toggled(w, c, steps, args.toggle, args.log_every, device, precision, args.windows)
+                     for _ in range(repeats)]
+            ratios = [a / p for p, a in pairs]
+            plain_ms = statistics.median(1e3 * p for p, _ in pairs)
+            added = statistics.median(1e3 * (a - p) for p, a in pairs)
+            ratio = statistics.median(ratios)
+            lines.append(f"| {c} | {plain_ms:.2f} | {added:+.3f} | {ratio:.3f}x | "
+                         f"{min(ratios):.3f}-{max(ratios):.3f} |")
+            entry[c] = {"ratio": ratio, "ratios": ratios, "plain_ms": plain_ms, "added_ms": added}
+            print(lines[-1], flush=True)
+        lines.append("")
+        results["workloads"][w["name"]] = entry
     report(args.out, "overhead_toggled", lines, results)
 
 
