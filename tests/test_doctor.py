@@ -41,6 +41,18 @@ def test_healthy_run_has_nothing_above_info(tmp_path: Any) -> None:
     assert json.loads(Path(js).read_text())["findings"][0]["code"] == "healthy"
 
 
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_step_losses_are_on_the_training_steps_scale(accumulate: int) -> None:
+    # Lightning's batch-end `outputs["loss"]` is divided by `accumulate_grad_batches`; the doctor's step losses are
+    # not: their mean is the epoch's logged train loss (equal batches), whatever the accumulation.
+    doctor = _run(TinyNet(lr=0.02), loader(96, 8), epochs=2, accumulate_grad_batches=accumulate)
+    assert len(doctor.history) == 2
+    for epoch in doctor.history:
+        assert epoch.train_loss is not None
+        assert epoch.step_loss_mean == pytest.approx(epoch.train_loss, rel=1e-6)
+        assert epoch.step_loss_max >= epoch.step_loss_mean
+
+
 def test_lr_far_too_small() -> None:
     doctor = _run(TinyNet(lr=1e-7), loader(128, 16), loader(32, 32, seed=1), callbacks=[GradientMonitor()],
                   log_every_n_steps=4)

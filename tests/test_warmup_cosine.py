@@ -13,7 +13,8 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler, LearningR
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_tricks import WarmupCosine
+from lightning_tricks import TrainingDoctor, WarmupCosine
+from lightning_tricks.callbacks._dispatch import SharedBatchEnd
 from lightning_tricks.functional import warmup_cosine
 from tests.conftest import LrRecorder, TinyNet, loader, quiet_trainer
 
@@ -140,9 +141,23 @@ class _AssertLrs(pl.Callback):
         assert torch.equal(gathered[0], gathered[1])
 
 
+class _AssertDoctorRecords(pl.Callback):
+    """Runs inside each DDP worker: the doctor, grouped behind the schedule's hook, saw every batch of every epoch."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        schedule, doctor = trainer.callbacks[0], trainer.callbacks[2]
+        assert isinstance(vars(schedule)["on_train_batch_end"], SharedBatchEnd)
+        assert [r.step for r in doctor.history] == [2, 4, 6]
+        # The mean of the step losses it kept is the epoch's logged train loss (this rank's): it saw every batch.
+        assert all(r.nonfinite_loss_steps == 0 and r.train_loss is not None for r in doctor.history)
+        assert all(abs(r.step_loss_mean - r.train_loss) < 1e-6 for r in doctor.history)
+
+
 def test_ddp_two_cpu_processes() -> None:
+    # With the doctor after it, the schedule's batch-end hook runs the doctor's too (one dispatch): under DDP as well.
     trainer = quiet_trainer(devices=2, strategy="ddp_fork", max_epochs=3, accumulate_grad_batches=2,
-                            callbacks=[WarmupCosine(warmup=2), _AssertLrs()])
+                            callbacks=[WarmupCosine(warmup=2), _AssertLrs(), TrainingDoctor(min_epochs=3),
+                                       _AssertDoctorRecords()])
     trainer.fit(TinyNet(lr=0.05), loader(64, 8))
     assert trainer.state.finished
 

@@ -184,6 +184,10 @@ class TrainingDoctor(pl.Callback):
         steps = np.asarray(self._steps, dtype=int)
         self._reset_epoch()
         losses = rows[:, 0]
+        if pl_module.automatic_optimization:
+            # Lightning hands the batch-end hooks the loss divided by `accumulate_grad_batches` (what it
+            # back-propagates): undo that here, on the host, so that the step losses are on the step's own scale.
+            losses = losses * trainer.accumulate_grad_batches
         ok = np.isfinite(losses)
         finite_in = np.isfinite(rows[:, 1]) | ok  # inputs are judged where the loss is non-finite only
         m = trainer.callback_metrics
