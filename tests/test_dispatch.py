@@ -201,3 +201,26 @@ def test_grouped_callbacks_pickle_and_regroup_per_fit() -> None:
     assert "on_train_batch_end" not in vars(copies[0]) and "on_train_batch_end" not in vars(copies[-1])
     assert profiler.counts["[Callback]TrainingDoctor.on_train_batch_end"] == 8
     assert len(copies[-1].history) == 1 and copies[-1].history[0].nonfinite_loss_steps == 0
+
+
+class FlagHookMonitor(GradientMonitor):
+    """GradientMonitor as on a single GPU, where it keeps its batch-end hook (the flag check; a no-op on a CPU)."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self.wants_train_batch_end = True
+
+
+def test_three_batch_end_hooks_share_one_dispatch_as_on_a_gpu() -> None:
+    callbacks = recipe_six()
+    callbacks[3] = monitor = FlagHookMonitor(log_every_n_steps=4)
+    trainer = quiet_trainer(max_epochs=1, callbacks=callbacks)
+    trainer.fit(TinyNet(), loader())
+    shared = vars(callbacks[0])["on_train_batch_end"]
+    assert [cb for _, cb in shared.hooks] == [callbacks[0], monitor, callbacks[-1]]
+    assert vars(monitor)["on_train_batch_end"] is None and vars(callbacks[-1])["on_train_batch_end"] is None
+    # A CPU fit of the plain monitor afterwards: hidden again (it wants no batch-end hook there).
+    plain = GradientMonitor()
+    quiet_trainer(max_epochs=1, callbacks=[callbacks[0], plain, callbacks[-1]]).fit(TinyNet(), loader())
+    assert vars(plain)["on_train_batch_end"] is None
+    assert [cb for _, cb in vars(callbacks[0])["on_train_batch_end"].hooks] == [callbacks[0], callbacks[-1]]

@@ -138,12 +138,9 @@ class GradientMonitor(pl.Callback):
         self._step_scaler = self._scaler(trainer)
         self._first_optimizer: Any = None
         self._progress: Any = None  # the global-step record, from on_train_start
-        # The batch-end hook only reads the GPU flag copy: elsewhere hide it from Lightning's dispatcher for this fit.
+        # The batch-end hook only reads the GPU flag copy: elsewhere `share_train_batch_end` (at train start) hides it
+        # from Lightning's dispatcher for this fit.
         self.wants_train_batch_end = device.type == "cuda" and self._single
-        if self.wants_train_batch_end:
-            vars(self).pop("on_train_batch_end", None)
-        else:
-            self.on_train_batch_end = None  # type: ignore[assignment]
         if device.type == "cuda" and trainer.world_size == 1:
             self._flag_host = torch.zeros(params, dtype=torch.float32, pin_memory=True)
             self._flag_view = self._flag_host.numpy()  # made once: reading it later is no tensor op
