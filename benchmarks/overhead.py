@@ -252,11 +252,14 @@ class Toggle(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self.modes.append(self.mode)
         if self.windows:
+            # A block touched by a logging step anywhere is marked: Lightning logs after this hook (so the first
+            # step's logging falls inside the window) and the monitor before it (so the last step's does too).
             at = len(self.modes) % self.block
+            logging = trainer.global_step % trainer.log_every_n_steps == 0
             if at == 1:  # the block's first step (it carries the switch) is left out
-                self._t0, self._logged = self._sync(), False
+                self._t0, self._logged = self._sync(), logging
             else:
-                self._logged |= trainer.global_step % trainer.log_every_n_steps == 0
+                self._logged |= logging
                 if at == 0:
                     self.blocks.append((self.mode, (self._sync() - self._t0) / (self.block - 1), self._logged))
         if len(self.modes) % self.block == 0:
