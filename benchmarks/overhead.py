@@ -269,6 +269,16 @@ class Toggle(pl.Callback):
             pl_module.variant = self.mode
 
 
+def setup(w: dict[str, Any], config: str, device: str) -> tuple[torch.Tensor, torch.Tensor, Net]:
+    """The workload's fixed batch on ``device`` (seeded) and a fresh model in the configuration's variant."""
+    torch.manual_seed(0)
+    x = torch.randn(*w["shape"], device=device)
+    if w["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, w["classes"], (w["shape"][0],), device=device)
+    return x, y, Net(w["make"](), w["classes"], config, w["channels_last"])
+
+
 def run_toggled(w: dict[str, Any], config: str, steps: int, block: int, log_every: int, device: str = "cpu",
                 precision: str = "32-true", windows: bool = False) -> tuple[float, float]:
     """One run alternating ``plain`` and ``config`` every ``block`` steps: their median step times (s).
@@ -279,12 +289,7 @@ def run_toggled(w: dict[str, Any], config: str, steps: int, block: int, log_ever
     steps inside one run cancels the machine's slow speed swings (5-6 % between half-second windows on the 2-core
     VM; 13-15 ms for the same ResNet-18 step across separate runs on a shared H100), which separate runs cannot.
     """
-    torch.manual_seed(0)
-    x = torch.randn(*w["shape"], device=device)
-    if w["channels_last"]:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, w["classes"], (w["shape"][0],), device=device)
-    model = Net(w["make"](), w["classes"], config, w["channels_last"])
+    x, y, model = setup(w, config, device)
     timer = StepTimer(cuda=False, warmup=0)  # no sync counting here: the separate runs count syncs
     tricks = callbacks_for(config)
     windows = windows or device == "cuda"
@@ -332,12 +337,7 @@ def workloads(device: str) -> list[dict[str, Any]]:
 
 def run_one(w: dict[str, Any], config: str, device: str, steps: int, precision: str, log_every: int,
             warmup: int = 15) -> StepTimer:
-    torch.manual_seed(0)
-    x = torch.randn(*w["shape"], device=device)
-    if w["channels_last"]:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, w["classes"], (w["shape"][0],), device=device)
-    model = Net(w["make"](), w["classes"], config, w["channels_last"])
+    x, y, model = setup(w, config, device)
     timer = StepTimer(cuda=device == "cuda", warmup=warmup)
     fit(model, x, y, device, precision, steps, log_every, [*callbacks_for(config), timer])
     return timer
