@@ -2,112 +2,92 @@
 
 Write ``class Net(TricksMixin, L.LightningModule)``. The mixin gives
 
-* a training-time batch seam: after the batch reaches the device, every trick callback (mixup, ...)
-  may transform the inputs, in a fixed order, only while fitting the training batches (never in the
-  sanity check, validation, test or predict);
-* :meth:`TricksMixin.tricks_loss`: cross-entropy against the targets as the tricks transformed them
-  (label smoothing, mixing), computed in float32 whatever the precision. With no trick attached it is
-  exactly ``F.cross_entropy(logits, target)``;
-* default ``training_step``/``validation_step``/``test_step`` for ``(x, y)`` classification batches,
-  logging ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``test_loss`` and ``test_acc``.
+* a batch seam: once a training batch of ``fit`` reaches the device, the mixin turns its targets into float32
+  ``(N, K)`` soft targets and hands ``(x, soft_y)`` to each trick callback's ``transform_batch`` (label smoothing,
+  mixup), in ascending ``order``. The training step then receives ``(x, soft_y)``. Nothing happens in the sanity check,
+  validation, test or predict, nor when no trick callback changes the batch;
+* :meth:`TricksMixin.tricks_loss`: cross-entropy of the logits against the targets it is given (class indices or soft
+  targets), in float32 for soft targets, then each trick's ``transform_loss`` (distillation). With no trick attached
+  it is exactly ``F.cross_entropy(logits, target)``;
+* default ``training_step``/``validation_step``/``test_step`` for ``(x, y)`` classification batches, logging
+  ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``test_loss`` and ``test_acc``.
 
-A user may override any step and still call ``self.tricks_loss(logits, y)``.
+A user may override any step and still call ``self.tricks_loss(logits, y)``. A training batch that a trick changed
+and that never reached ``tricks_loss`` is an error (its targets would be left unmixed).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
-import torch
 import torch.nn.functional as F
-from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor
 
-from lightning_tricks.functional.targets import _soft_ce_rows, soft_cross_entropy, to_soft_targets
+from lightning_tricks.functional.targets import soft_cross_entropy, to_soft_targets
 
 if TYPE_CHECKING:
     from lightning_tricks.callbacks._base import TrickCallback
 
 __all__ = ["TricksMixin"]
 
-
-class _Plan(NamedTuple):
-    """The trick callbacks of one Trainer's callback list, by kind, each in seam order."""
-
-    callbacks: list[Any]  # the Trainer's callback list this plan was made from (by identity, with its length)
-    size: int
-    batch: list[TrickCallback]
-    target: list[TrickCallback]
-    target_rest: list[TrickCallback]  # target[1:], for when the first one built the soft targets from indices
-    loss: list[TrickCallback]
-    eager: bool  # every target trick depends on the batch alone: soft targets may be built in the seam
-    tables: dict[Any, Tensor]  # (num_classes, device) -> identity table: one-hot rows by one gather
-
-
-# The plan lives on the Trainer (the seam and the loss read it every training step), not on the module, so that deep
-# copies and pickles of the module (EMA, SWA) do not carry the callbacks.
-_PLAN_ATTR = "_lightning_tricks_plan"
-_TRAINING = RunningStage.TRAINING  # a module constant: an Enum member lookup costs a metaclass call each time
 # Per stage of the default steps: the logged keys, and whether it is an evaluation stage (progress bar, synced).
 _STEP_KEYS = {"train": ("train_loss", "train_acc", False), "val": ("val_loss", "val_acc", True),
               "test": ("test_loss", "test_acc", True)}
-
-
-def _make_plan(trainer: Any) -> _Plan:
-    """Sort ``trainer.callbacks``' tricks by kind and keep the plan on the Trainer."""
-    from lightning_tricks.callbacks._base import TrickCallback
-
-    callbacks = trainer.callbacks
-    tricks = sorted((cb for cb in callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
-    target = [cb for cb in tricks if cb.transforms_target]
-    plan = _Plan(callbacks, len(callbacks), [cb for cb in tricks if cb.transforms_batch], target, target[1:],
-                 [cb for cb in tricks if cb.transforms_loss],
-                 any(cb.transforms_target for cb in tricks)
-                 and all(cb.targets_before_forward for cb in tricks if cb.transforms_target), {})
-    trainer.__dict__[_PLAN_ATTR] = plan
-    return plan
-
-
-def _gather_rows(table: Tensor, target: Tensor) -> Tensor:
-    try:
-        return table.index_select(0, target)
-    except (IndexError, RuntimeError):
-        return to_soft_targets(target, table.shape[0], None)  # raises its clear out-of-range error
+_OUT_OF_SCOPE = (
+    "The default loss is a softmax cross-entropy for single-label classification (class indices, or class "
+    "probabilities whose rows sum to 1). For regression, binary with one logit or multi-label targets, write your own "
+    "training_step with your loss: WarmupCosine, GradientMonitor, EarlyStopping and TrainingDoctor work with any loss; "
+    "LabelSmoothing, Mixup and Distillation need tricks_loss."
+)
 
 
 class TricksMixin:
     """Mix into a ``LightningModule`` (put it first: ``class Net(TricksMixin, L.LightningModule)``).
 
     Attributes:
-        ignore_index: index targets equal to it are left out of the loss and the accuracy; ``None`` (the
-            default) means every sample counts (without tricks the loss is then ``F.cross_entropy``, which still
-            ignores PyTorch's default ``-100``). Set it for padding, e.g. ``ignore_index = -100``.
+        num_classes: the class count ``K`` of the soft targets that batch tricks (label smoothing, mixup) need before
+            the forward pass. Set it on the module (``self.num_classes = 10``, or a ``num_classes`` hyper-parameter),
+            or pass ``num_classes`` to one of those callbacks.
+        ignore_index: index targets equal to it are left out of the loss and the accuracy; ``None`` (the default)
+            means every sample counts (without tricks the loss is then ``F.cross_entropy``, which still ignores
+            PyTorch's default ``-100``). Set it for padding, e.g. ``ignore_index = -100``.
+        tricks_progress_bar_loss: show the step's ``train_loss`` in the progress bar. Off by default: Lightning
+            reads progress-bar values on the host every step (a host-device sync per step on a GPU).
     """
 
+    num_classes: int | None = None
     ignore_index: int | None = None
-    #: Show the step's ``train_loss`` in the progress bar. Off by default: Lightning converts progress-bar values
-    #: with ``.item()`` on every step, a host-device sync per step on a GPU.
     tricks_progress_bar_loss: bool = False
-    #: Set by :meth:`tricks_loss`: the effective targets (indices or float32 soft targets) and, when known without
-    #: an argmax, the dominant class of each (an index tensor; ``None`` otherwise).
-    tricks_targets: Tensor
-    tricks_hard_targets: Tensor | None = None
 
-    # ----------------------------------------------------------------------------------- helpers
-    def _train_plan(self) -> _Plan | None:
-        """The cached plan while fitting a training batch, else ``None``."""
-        trainer = self.__dict__.get("_trainer")
-        # `trainer.training and not trainer.sanity_checking`, by identity: those properties compare through a
-        # Python-level StrEnum __eq__, and this runs twice per step. The TRAINING stage is never the sanity check.
-        if trainer is None or trainer.state.stage is not _TRAINING:
-            return None
-        # The plan for `trainer.callbacks`, remade when the list is replaced or changes length.
-        plan = trainer.__dict__.get(_PLAN_ATTR)
-        callbacks = trainer.callbacks
-        if plan is None or plan.callbacks is not callbacks or plan.size != len(callbacks):
-            plan = _make_plan(trainer)
-        return plan
+    # ----------------------------------------------------------------------------------- which tricks, which K
+    def tricks_callbacks(self) -> list[TrickCallback]:
+        """The trick callbacks of ``trainer.callbacks`` in seam order, while fitting a training batch; else ``[]``."""
+        from lightning_tricks.callbacks._base import TrickCallback
 
+        trainer = getattr(self, "_trainer", None)  # the `trainer` property raises when the module is not attached
+        if trainer is None or not trainer.training or trainer.sanity_checking:
+            return []
+        return sorted((cb for cb in trainer.callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
+
+    def tricks_num_classes(self, tricks: list[TrickCallback]) -> int:
+        """The class count for the soft targets: a trick's ``num_classes`` argument, else the module's."""
+        for cb in tricks:
+            if getattr(cb, "num_classes", None) is not None:
+                return int(cb.num_classes)  # type: ignore[attr-defined]
+        k = self.num_classes
+        if k is None:
+            hparams = getattr(self, "hparams", {})
+            k = hparams.get("num_classes") if hasattr(hparams, "get") else None
+        if k is None:
+            names = ", ".join(type(cb).__name__ for cb in tricks if cb.has_batch_transform)
+            raise ValueError(
+                f"{names} build soft targets before the forward pass and need the class count: set `num_classes` on "
+                f"the module (`self.num_classes = 10`, or a `num_classes` hyper-parameter) or pass it to the callback "
+                "(`LabelSmoothing(0.1, num_classes=10)`)."
+            )
+        return int(k)
+
+    # ----------------------------------------------------------------------------------- batch layout
     def tricks_unpack(self, batch: Any) -> tuple[Tensor, Tensor]:
         """Split a batch into ``(inputs, targets)``. Override for other batch layouts."""
         if isinstance(batch, (list, tuple)) and len(batch) == 2:
@@ -126,100 +106,103 @@ class TricksMixin:
             return {**batch, "x": x, "y": y}
         return type(batch)((x, y)) if isinstance(batch, tuple) else [x, y]
 
+    # ----------------------------------------------------------------------------------- soft targets
+    def tricks_soft_targets(self, target: Tensor, num_classes: int) -> Tensor:
+        """The float32 ``(N, K)`` soft targets of ``target`` (class indices, or class probabilities): the one place
+        they are built. Rows of ``ignore_index`` are all zero."""
+        if target.is_floating_point():
+            self._tricks_check_probabilities(target, num_classes)
+            return target.float()
+        if target.ndim != 1:
+            raise ValueError(f"class-index targets must have shape (N,), got {tuple(target.shape)}. {_OUT_OF_SCOPE}")
+        return to_soft_targets(target, num_classes, self.ignore_index)
+
+    def _tricks_check_probabilities(self, target: Tensor, num_classes: int) -> None:
+        """Float targets must be ``(N, K)`` class probabilities: the shape on every call, the row sums (a host read)
+        once per fit (the flag is reset by the trick callbacks' ``setup``)."""
+        if target.ndim != 2 or target.shape[-1] != num_classes:
+            raise ValueError(
+                f"float targets must be class probabilities of shape (N, {num_classes}), got a {target.dtype} tensor "
+                f"of shape {tuple(target.shape)}. {_OUT_OF_SCOPE}"
+            )
+        if self.__dict__.get("_tricks_rows_checked"):
+            return
+        sums = target.float().sum(dim=-1)
+        low = 0.0 if self.ignore_index is not None else 1.0 - 1e-3  # ignored samples are all-zero rows
+        bad = (sums < low) | (sums > 1.0 + 1e-3) | (target < 0).any(dim=-1)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"float targets must be class probabilities (non-negative rows that sum to 1), but row {row} sums to "
+                f"{float(sums[row]):.4g}: multi-label 0/1 targets are not soft targets. {_OUT_OF_SCOPE}"
+            )
+        self.__dict__["_tricks_rows_checked"] = True
+
     # ----------------------------------------------------------------------------------- the seam
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Run the trick callbacks' batch transforms (training batches of ``fit`` only).
-
-        When there are batch tricks and every target trick depends on the batch alone (label smoothing, mixing),
-        the soft targets are built here too, right after the batch transforms: the gathers and blends run while
-        those kernels are warm (on a CPU the first call of a kernel in a step costs 5-10x the next one).
-        :meth:`tricks_loss` takes them when it gets this batch's target tensor and the class count matches.
-        """
+        """Run the trick callbacks' batch transforms on a training batch of ``fit``."""
         batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]
-        plan = self._train_plan()
-        if plan is None:
-            return batch
-        state = self.__dict__
-        state.pop("_tricks_eager", None)  # never a previous batch's
-        if not plan.batch:  # (label smoothing alone gains nothing here, and leaves the batch layout free)
+        state = self.__dict__  # plain attributes: nn.Module.__setattr__ would look through parameters first
+        state["_tricks_x"], state["_tricks_pending"] = None, False
+        tricks = self.tricks_callbacks()
+        if not tricks:
             return batch
         x, y = self.tricks_unpack(batch)
-        for cb in plan.batch:
-            x = cb.tricks_transform_batch(self, x, y)
-        num_classes = state.get("_tricks_num_classes")  # from the previous batch's logits
-        if plan.eager and num_classes is not None:
-            state["_tricks_eager"] = (y, num_classes, *self._tricks_soft_targets(plan, y, num_classes))
-        return self.tricks_pack(batch, x, y)
+        state["_tricks_x"] = x  # the inputs the model sees, for the loss transforms
+        batch_tricks = [cb for cb in tricks if cb.has_batch_transform]
+        if not batch_tricks:
+            return batch
+        soft_y = self.tricks_soft_targets(y, self.tricks_num_classes(tricks))
+        for cb in batch_tricks:
+            x, soft_y = cb.transform_batch(self, x, soft_y)
+        state["_tricks_x"], state["_tricks_pending"] = x, True
+        return self.tricks_pack(batch, x, soft_y)
 
-    def _tricks_soft_targets(self, plan: _Plan, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor | None]:
-        """The target tricks' float32 soft targets for ``target`` and, when known without an argmax, their dominant
-        classes."""
-        soft = None
-        indices = self.ignore_index is None and not target.is_floating_point() and target.ndim == 1
-        if indices:
-            # the first trick may build its soft targets straight from the indices (label smoothing: 1 gather)
-            soft = plan.target[0].tricks_soft_from_indices(self, target, num_classes)
-        rest = plan.target if soft is None else plan.target_rest
-        if soft is None and indices:  # one-hot rows by one gather from a cached identity table
-            table = plan.tables.get((num_classes, target.device))
-            if table is None:
-                table = plan.tables[(num_classes, target.device)] = torch.eye(num_classes, device=target.device)
-            soft = _gather_rows(table, target)
-        elif soft is None:
-            soft = to_soft_targets(target, num_classes, self.ignore_index)
-        for cb in rest:
-            soft = cb.tricks_transform_target(self, soft)
-        # The dominant class of each effective target, when every trick can say it without an argmax.
-        hard: Tensor | None = target if indices else None
-        for cb in plan.target:
-            if hard is None:
-                break
-            hard = cb.tricks_dominant_class(self, hard, num_classes)
-        return soft, hard
+    def tricks_check_consumed(self) -> None:
+        """Raise if the current training batch was changed by a trick and its loss did not go through
+        :meth:`tricks_loss` (called by the trick callbacks before backward)."""
+        if self.__dict__.get("_tricks_pending"):
+            self.__dict__["_tricks_pending"] = False
+            names = ", ".join(type(cb).__name__ for cb in self.tricks_callbacks() if cb.has_batch_transform)
+            raise RuntimeError(
+                f"{names} changed this training batch (its inputs and soft targets), but its loss was not computed "
+                "with `self.tricks_loss(logits, y)`: the targets your loss used may not match the mixed inputs. "
+                f"Compute the loss with `self.tricks_loss(self(x), y)` in training_step, or remove {names}. "
+                f"{_OUT_OF_SCOPE}"
+            )
 
+    # ----------------------------------------------------------------------------------- the loss
     def tricks_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Cross-entropy of ``logits`` against ``target`` as the attached tricks transform it.
+        """Cross-entropy of ``logits`` against ``target``, then the trick callbacks' loss transforms.
 
-        While fitting the training batches, trick callbacks turn ``target`` (class indices or soft
-        targets) into float32 soft targets (smoothing, mixing) and the loss is
-        :func:`~lightning_tricks.functional.soft_cross_entropy` in float32; loss tricks (distillation) then
-        combine it with their own term. Otherwise, and whenever no trick is attached, it is
-        ``F.cross_entropy(logits, target)``, exactly what a plain module computes. The effective targets are
-        kept in ``self.tricks_targets`` for metrics, and their dominant classes in ``self.tricks_hard_targets``
-        (class indices, or ``None`` where only an argmax of ``tricks_targets`` can tell).
+        ``target`` is class indices ``(N,)`` (then ``F.cross_entropy(logits, target)``, exactly what a plain module
+        computes) or float class probabilities ``(N, K)``, as the batch seam hands them to the training step (then
+        the cross-entropy is computed in float32 whatever the precision). While fitting the training batches, loss
+        tricks (distillation) then combine it with their own terms.
         """
-        plan = self._train_plan()
-        # Set through __dict__: nn.Module.__setattr__ looks through parameters, buffers and submodules first.
-        state = self.__dict__
-        if plan is not None and plan.target:
-            num_classes = logits.shape[-1]
-            eager = state.pop("_tricks_eager", None)
-            if eager is not None and eager[0] is target and eager[1] == num_classes:
-                soft, hard = eager[2], eager[3]
-            else:
-                soft, hard = self._tricks_soft_targets(plan, target, num_classes)
-            state["_tricks_num_classes"] = num_classes
-            state["tricks_targets"] = soft
-            state["tricks_hard_targets"] = hard
-            if self.ignore_index is None and logits.ndim == 2 and soft.shape[0] == logits.shape[0]:
-                # the soft targets are the plan's own float32 (N, K) rows: the unchecked per-step form
-                loss = _soft_ce_rows(logits if logits.dtype is torch.float32 else logits.float(), soft)
-            else:
-                loss = soft_cross_entropy(logits, soft, self.ignore_index)
+        if logits.ndim < 2 or logits.shape[-1] < 2:
+            raise ValueError(
+                f"tricks_loss takes (N, K) logits with K >= 2 classes, got shape {tuple(logits.shape)}. {_OUT_OF_SCOPE}"
+            )
+        num_classes = logits.shape[-1]
+        if target.is_floating_point():
+            if target.ndim == 2 and target.shape[0] == logits.shape[0] and target.shape[-1] != num_classes:
+                raise ValueError(
+                    f"the soft targets have {target.shape[-1]} classes (`num_classes`) but the head outputs "
+                    f"{num_classes} logits: they must match."
+                )
+            self._tricks_check_probabilities(target, num_classes)
+            loss = soft_cross_entropy(logits, target, self.ignore_index)
         else:
-            state["tricks_targets"] = target
-            if target.is_floating_point():
-                state["tricks_hard_targets"] = None
-                loss = soft_cross_entropy(logits, target, self.ignore_index)
-            else:
-                state["tricks_hard_targets"] = target
-                if self.ignore_index is None:
-                    loss = F.cross_entropy(logits, target)
-                else:
-                    loss = F.cross_entropy(logits, target, ignore_index=self.ignore_index)
-        if plan is not None and plan.loss:
-            for cb in plan.loss:
-                loss = cb.tricks_transform_loss(self, logits, state["tricks_targets"], loss)
+            loss = soft_cross_entropy(logits, target, self.ignore_index) if self.ignore_index is not None \
+                else _index_cross_entropy(logits, target)
+        self.__dict__["_tricks_pending"] = False
+        tricks = [cb for cb in self.tricks_callbacks() if cb.has_loss_transform]
+        if tricks:
+            soft_y = target.float() if target.is_floating_point() else self.tricks_soft_targets(target, num_classes)
+            x = self.__dict__.get("_tricks_x")
+            for cb in tricks:
+                loss = cb.transform_loss(self, x, logits, soft_y, loss)
         return loss
 
     # ----------------------------------------------------------------------------------- default steps
@@ -227,19 +210,15 @@ class TricksMixin:
         x, y = self.tricks_unpack(batch)
         logits = self(x)  # type: ignore[operator]
         loss = self.tricks_loss(logits, y)
-        # Accuracy against the dominant class of the effective (possibly mixed) target: said by the tricks when
-        # they can (no argmax over the soft targets), else the argmax.
-        hard = self.tricks_hard_targets
-        if hard is None:
-            target = self.tricks_targets
-            hard = target.argmax(dim=-1) if target.is_floating_point() else target
+        # Accuracy against the dominant class of the (possibly mixed) target.
+        hard = y.argmax(dim=-1) if y.is_floating_point() else y
         correct = (logits.argmax(dim=-1) == hard).float()
         if self.ignore_index is None:
             acc = correct.mean()
         else:
-            active = hard != self.ignore_index
+            active = y.sum(dim=-1) > 0 if y.is_floating_point() else hard != self.ignore_index
             acc = (correct * active).sum() / active.sum().clamp_min(1)
-        loss_key, acc_key, evaluating = _STEP_KEYS[stage]  # (constants: this runs every step)
+        loss_key, acc_key, evaluating = _STEP_KEYS[stage]
         n = x.shape[0]
         self.log(loss_key, loss, prog_bar=evaluating or self.tricks_progress_bar_loss, on_step=not evaluating,
                  on_epoch=True, sync_dist=evaluating, batch_size=n)  # type: ignore[attr-defined]
@@ -258,3 +237,20 @@ class TricksMixin:
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Forward, plain cross-entropy, log ``test_loss`` and ``test_acc`` (synced across ranks)."""
         return self._tricks_step(batch, "test")
+
+
+def _index_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """``F.cross_entropy(logits, target)``; a target outside the head's classes gets an error that names both."""
+    try:
+        return F.cross_entropy(logits, target)
+    except (IndexError, RuntimeError) as error:
+        if target.ndim == 1 and target.numel() and logits.ndim == 2:
+            bad = target[(target < 0) | (target >= logits.shape[-1])]
+            if bad.numel():
+                raise ValueError(
+                    f"target class {int(bad[0])} is out of range for logits of {logits.shape[-1]} classes: class "
+                    f"indices must be in [0, {logits.shape[-1]}). Does the head have fewer outputs than the data has "
+                    "classes?"
+                ) from None
+        raise error
+

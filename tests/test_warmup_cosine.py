@@ -14,7 +14,6 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_tricks import TrainingDoctor, WarmupCosine
-from lightning_tricks.callbacks._dispatch import SharedBatchEnd
 from lightning_tricks.functional import warmup_cosine
 from tests.conftest import LrRecorder, TinyNet, loader, quiet_trainer
 
@@ -142,11 +141,10 @@ class _AssertLrs(pl.Callback):
 
 
 class _AssertDoctorRecords(pl.Callback):
-    """Runs inside each DDP worker: the doctor, grouped behind the schedule's hook, saw every batch of every epoch."""
+    """Runs inside each DDP worker: the doctor saw every batch of every epoch."""
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        schedule, doctor = trainer.callbacks[0], trainer.callbacks[2]
-        assert isinstance(vars(schedule)["on_train_batch_end"], SharedBatchEnd)
+        doctor = trainer.callbacks[2]
         assert [r.step for r in doctor.history] == [2, 4, 6]
         # The mean of the step losses it kept is the epoch's logged train loss (this rank's): it saw every batch.
         assert all(r.nonfinite_loss_steps == 0 and r.train_loss is not None for r in doctor.history)
@@ -154,7 +152,6 @@ class _AssertDoctorRecords(pl.Callback):
 
 
 def test_ddp_two_cpu_processes() -> None:
-    # With the doctor after it, the schedule's batch-end hook runs the doctor's too (one dispatch): under DDP as well.
     trainer = quiet_trainer(devices=2, strategy="ddp_fork", max_epochs=3, accumulate_grad_batches=2,
                             callbacks=[WarmupCosine(warmup=2), _AssertLrs(), TrainingDoctor(min_epochs=3),
                                        _AssertDoctorRecords()])
@@ -256,8 +253,12 @@ def test_a_schedule_taken_off_the_trainer_stops() -> None:
             if trainer.global_step == 3:
                 trainer.callbacks.remove(schedule)
 
-    quiet_trainer(max_steps=6, callbacks=[schedule, Remove()]).fit(TinyNet(lr=0.05), loader(64, 8))
+    doctor = TrainingDoctor(min_epochs=1)
+    quiet_trainer(max_epochs=2, callbacks=[schedule, doctor, Remove()]).fit(TinyNet(lr=0.05), loader(24, 8))
     curve = [expected(s, 6, 0, 0.05) for s in range(6)]
     assert lrs[:4] == pytest.approx(curve[:4], abs=1e-12)
     assert lrs[4:] == pytest.approx([curve[3]] * 2, abs=1e-12)  # frozen at the last lr it set
+    # Regression: the doctor's per-batch records used to stop once the schedule (which ran its hook) was removed.
+    assert [r.step for r in doctor.history] == [3, 6]
+    assert all(abs(r.step_loss_mean - r.train_loss) < 1e-6 for r in doctor.history)
 

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_tricks.callbacks._base import TrickCallback
-from lightning_tricks.callbacks._dispatch import share_train_batch_end, skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_number
 from lightning_tricks.functional.distillation import soft_distillation_loss
 
@@ -33,8 +33,10 @@ class Distillation(TrickCallback):
     .. math:: \alpha\, T^2\, \mathrm{KL}(\mathrm{softmax}(t/T) \,\|\, \mathrm{softmax}(s/T)) + (1 - \alpha)\,\ell_{hard}
 
     where :math:`\ell_{hard}` is the mixin's loss on the effective targets (label-smoothed and/or mixed when those
-    tricks are attached), and the teacher sees the same (mixed) inputs as the student. Validation and test keep
-    the plain loss. The soft and hard parts are logged as ``distill/soft`` and ``distill/hard`` (epoch means).
+    tricks are attached), and the teacher sees the inputs the student saw (mixed, when mixup is on): it runs in the
+    loss transform, inside the training step (so under the precision plugin's autocast) and under ``torch.no_grad()``.
+    Validation and test keep the plain loss. The soft and hard parts are logged as ``distill/soft`` and
+    ``distill/hard`` (epoch means).
 
     Args:
         teacher: an ``nn.Module``, or the path of a Lightning checkpoint (then give ``teacher_class``).
@@ -44,12 +46,11 @@ class Distillation(TrickCallback):
             ``load_from_checkpoint`` rebuilds the teacher from ``teacher``.
 
     The teacher is kept outside the student on purpose: it is never a submodule, so it is not in the student's
-    optimizer, not in the student's checkpoint (same keys and size as a plain one), not wrapped by DDP and not
+    optimizer, not in the student's checkpoint (same keys and size as a plain one), not wrapped by DDP or FSDP and not
     counted by Lightning's "modules in eval mode" check. The callback freezes it (``requires_grad=False``), puts it
-    in eval mode for the whole fit (Lightning never switches it, since it does not own it), moves it to the
-    student's device, and runs it under ``torch.no_grad()`` inside the precision plugin's autocast, the same as the
-    student's training step. Under DDP every rank runs its own copy. A resumed run rebuilds the teacher from the
-    same argument (its weights are not in the checkpoint).
+    in eval mode for the whole fit and moves it to the student's device. Under DDP and FSDP2 every rank holds a full,
+    unsharded copy of the teacher and runs it on its own batch (the teacher's forward needs no collective). A resumed
+    run rebuilds the teacher from the same argument (its weights are not in the checkpoint).
 
     Example::
 
@@ -59,11 +60,7 @@ class Distillation(TrickCallback):
         #   init_args: {teacher: teacher.ckpt, teacher_class: my_project.models.BigNet}
     """
 
-    #: Its batch-end hook may run inside a neighbour's single Lightning dispatch (see ``share_train_batch_end``).
-    shares_train_batch_end = True
     order = 30
-    transforms_batch = True
-    transforms_loss = True
 
     def __init__(
         self,
@@ -88,14 +85,13 @@ class Distillation(TrickCallback):
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self._freeze()
-        self._teacher_logits: Tensor | None = None
-        skip_unused_batch_hooks(self)
 
     def _freeze(self) -> None:
         self.teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if any(m is self.teacher for m in pl_module.modules()):
@@ -104,33 +100,27 @@ class Distillation(TrickCallback):
                 "wrapped by DDP. Keep it only in Distillation(teacher=...)."
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.teacher.to(pl_module.device)
         self._freeze()
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        share_train_batch_end(trainer)
-
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.teacher.eval()  # cheap insurance against user code that calls .train() on everything it can reach
 
-    # ------------------------------------------------------------------ the seam
-    def tricks_transform_batch(self, pl_module: TricksMixin, x: Tensor, y: Tensor) -> Tensor:
-        trainer = pl_module.trainer  # type: ignore[attr-defined]
-        with torch.no_grad(), trainer.precision_plugin.train_step_context():
-            self._teacher_logits = self.teacher(x)
-        return x
-
-    def tricks_transform_loss(self, pl_module: TricksMixin, logits: Tensor, target: Tensor, loss: Tensor) -> Tensor:
-        teacher_logits = self._teacher_logits
-        if teacher_logits is None:
-            return loss
+    @override
+    def transform_loss(self, pl_module: TricksMixin, x: Tensor, logits: Tensor, soft_y: Tensor,
+                       loss: Tensor) -> Tensor:
+        if x is None:
+            raise RuntimeError(
+                "Distillation found no inputs for the teacher: the batch did not go through TricksMixin's "
+                "on_after_batch_transfer (an override that does not call super()?)."
+            )
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
         soft = soft_distillation_loss(logits, teacher_logits, self.temperature)  # checks the shapes
         n = logits.shape[0]
         pl_module.log("distill/soft", soft, on_step=False, on_epoch=True, batch_size=n)  # type: ignore[attr-defined]
         pl_module.log("distill/hard", loss, on_step=False, on_epoch=True, batch_size=n)  # type: ignore[attr-defined]
         return self.alpha * soft + (1.0 - self.alpha) * loss
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self._teacher_logits = None  # free the activations' memory between steps

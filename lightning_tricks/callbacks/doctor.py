@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_tricks.callbacks._dispatch import global_step_progress, share_train_batch_end, skip_unused_batch_hooks
+from lightning_tricks.callbacks.gradient_monitor import GradientMonitor
 from lightning_tricks.functional._checks import check_number
 
 SEVERITIES = ("info", "warning", "error")
@@ -104,9 +105,6 @@ class TrainingDoctor(pl.Callback):
         out_dir: where to write the report (default: next to the logs).
     """
 
-    #: Its batch-end hook may run inside a neighbour's single Lightning dispatch (see ``share_train_batch_end``).
-    shares_train_batch_end = True
-
     def __init__(
         self,
         train_loss: str = "train_loss",
@@ -131,10 +129,9 @@ class TrainingDoctor(pl.Callback):
         self.findings: list[Finding] = []
         self.history: list[_Epoch] = []
         self.report_paths: list[str] = []
-        self._progress: Any = None
-        skip_unused_batch_hooks(self)
 
     # ------------------------------------------------------------------ per step: device only
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.findings, self.history, self.report_paths = [], [], []
         self._reset_epoch()
@@ -148,18 +145,16 @@ class TrainingDoctor(pl.Callback):
         self._steps: list[int] = []
         self._chunks: list[Tensor] = []
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._step_of_batch = trainer.global_step  # after a resume's restore: the step the first batch feeds
-        self._progress = global_step_progress(trainer, pl_module)
-        share_train_batch_end(trainer)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         # The optimizer step this batch contributed to is the global step at the previous batch's end (the counter
         # only moves inside a batch): one hook per batch instead of a batch-start hook as well.
-        progress = self._progress
-        step, self._step_of_batch = self._step_of_batch, (
-            progress.completed if progress is not None else trainer.global_step)
+        step, self._step_of_batch = self._step_of_batch, trainer.global_step
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, Tensor):
             return  # a skipped step (training_step returned None)
@@ -176,6 +171,7 @@ class TrainingDoctor(pl.Callback):
             self._losses, self._probes = [], []
 
     # ------------------------------------------------------------------ per epoch: one host read
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -313,7 +309,7 @@ class TrainingDoctor(pl.Callback):
             ev["first_nonfinite_input_step"] = first_bad_input
             advice.append(f"NaN/inf in the data (first at step {first_bad_input}): check the dataset and the "
                           "augmentations; assert torch.isfinite(x).all() in the dataset")
-        monitor = next((cb for cb in trainer.callbacks if type(cb).__name__ == "GradientMonitor"), None)
+        monitor = next((cb for cb in trainer.callbacks if isinstance(cb, GradientMonitor)), None)
         if monitor is not None and getattr(monitor, "stop_message", None):
             ev["gradient_monitor"] = monitor.stop_message
         norms = [e.grad.get("grad/norm_max") for e in self.history if e.grad.get("grad/norm_max") is not None]
@@ -332,6 +328,7 @@ class TrainingDoctor(pl.Callback):
             self._add(trainer, "nonfinite_loss", "error", "the loss became NaN/inf", ev, advice)
 
     # ------------------------------------------------------------------ report
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         h = self.history
         if len(h) < self.min_epochs:
@@ -348,9 +345,10 @@ class TrainingDoctor(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics({"doctor/warnings": counts["warning"], "doctor/errors": counts["error"]},
                                step=trainer.global_step)
+        folder = self.out_dir or trainer.log_dir or trainer.default_root_dir  # on every rank: log_dir broadcasts
         if trainer.is_global_zero:
-            self._write(trainer)
-        rank_zero_info(self.report())
+            self._write(folder)
+        rank_zero_info(self.report() + (f"\n(written to {self.report_paths[0]})" if self.report_paths else ""))
 
     def report(self) -> str:
         """The findings as Markdown."""
@@ -359,8 +357,7 @@ class TrainingDoctor(pl.Callback):
         lines += [f.markdown() for f in sorted(self.findings, key=lambda f: order[f.severity])] or ["(nothing)"]
         return "\n".join(lines)
 
-    def _write(self, trainer: pl.Trainer) -> None:
-        folder = self.out_dir or (trainer.log_dir if trainer.logger is not None else None) or trainer.default_root_dir
+    def _write(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
         md, js = os.path.join(folder, "doctor_report.md"), os.path.join(folder, "doctor_report.json")
         with open(md, "w") as f:

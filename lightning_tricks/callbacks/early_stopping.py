@@ -7,15 +7,17 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import EarlyStopping as _LightningEarlyStopping
-from lightning.pytorch.utilities import rank_zero_info
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_tricks.callbacks._dispatch import skip_unused_batch_hooks
+from lightning_tricks._compat import EarlyStoppingChecks
+from lightning_tricks._sharding import is_sharded, local
 from lightning_tricks.functional._checks import check_number
 
 
-class EarlyStopping(_LightningEarlyStopping):
+class EarlyStopping(EarlyStoppingChecks):
     r"""A drop-in for :class:`lightning.pytorch.callbacks.EarlyStopping` that can also keep the best model.
 
     Every argument and behaviour of Lightning's class is unchanged (``monitor``, ``min_delta``, ``patience``,
@@ -24,16 +26,19 @@ class EarlyStopping(_LightningEarlyStopping):
     New, as Keras users know them:
 
     Args:
-        restore_best_weights: when training stops, and at the end of fit, load the weights of the best check into
-            the module. They are kept on the host (CPU copies, no second copy on the device), taken at the same
-            checks on every DDP rank (rank 0 decides), and saved in the callback's checkpoint state so a resumed run
-            can still restore them (checkpoints grow by one copy of the weights).
+        restore_best_weights: when training stops, and at the end of fit, copy the weights of the best check back
+            into the module. They are kept on the host (CPU copies, no second copy on the device), taken at the same
+            checks on every rank (rank 0 decides), and saved in the callback's checkpoint state so a resumed run
+            can still restore them (checkpoints grow by one copy of the weights). Under sharded training (FSDP2)
+            each rank keeps its own shards (no gather) and restores them; those are not in the checkpoint (Lightning
+            saves callback state from rank 0 only), so a resumed sharded run restores only checks made after it.
         start_from_epoch: no check counts before this epoch (0-based): neither patience nor the best score.
         baseline: the metric must beat this value (by ``min_delta``) to reset the patience: stop if it does not
             within ``patience`` checks. The best weights are still tracked below the baseline (as Keras does).
         checkpoint_on_stop: when it stops training, write a checkpoint (after restoring the best weights, if asked)
-            as ``early_stopping-epoch=<E>.ckpt`` in the logger's ``log_dir`` (else ``default_root_dir``), so that
+            as ``early_stopping-epoch=<E>.ckpt`` in ``checkpoint_dir`` (default: the Trainer's ``log_dir``), so that
             nothing trained is lost even without a ``ModelCheckpoint``; its path is in ``checkpoint_path``.
+        checkpoint_dir: where that checkpoint goes.
 
     Whenever it stops it says why, with the best score and its epoch (``rank_zero_info``; also in
     ``stopping_reason_message`` and ``summary``).
@@ -60,6 +65,7 @@ class EarlyStopping(_LightningEarlyStopping):
         start_from_epoch: int = 0,
         baseline: float | None = None,
         checkpoint_on_stop: bool = True,
+        checkpoint_dir: str | None = None,
     ) -> None:
         super().__init__(
             monitor=monitor,
@@ -79,6 +85,7 @@ class EarlyStopping(_LightningEarlyStopping):
             check_number("baseline", baseline)
         self.restore_best_weights = restore_best_weights
         self.checkpoint_on_stop = checkpoint_on_stop
+        self.checkpoint_dir = checkpoint_dir
         self.checkpoint_path: str | None = None
         self.start_from_epoch = start_from_epoch
         self.baseline = None if baseline is None else float(baseline)
@@ -86,30 +93,32 @@ class EarlyStopping(_LightningEarlyStopping):
         self.best_weights: dict[str, Tensor] | None = None
         self.summary: str | None = None
         self._restored = False
-        skip_unused_batch_hooks(self)
+        self._sharded = False
 
     # ------------------------------------------------------------------ the check
-    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+    @override
+    def run_check(self, trainer: pl.Trainer) -> None:
         if trainer.current_epoch < self.start_from_epoch:
             return
         previous_best = self.best_score
         was_stopping = trainer.should_stop
-        super()._run_early_stopping_check(trainer)
+        super().run_check(trainer)
         improved = self.best_score is not previous_best  # Lightning rebinds best_score on an improvement
         if trainer.world_size > 1:  # one decision for every rank, so all keep the same weights
             improved = bool(trainer.strategy.broadcast(improved, src=0))
         if improved:
             self.best_epoch = trainer.current_epoch
             if self.restore_best_weights:
-                module = trainer.lightning_module
-                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+                state = trainer.lightning_module.state_dict()
+                self.best_weights = {k: local(v).detach().to("cpu", copy=True) for k, v in state.items()}
         if trainer.should_stop and not was_stopping and self.stopped_epoch == trainer.current_epoch:
             self._on_stop(trainer)
 
-    def _evaluate_stopping_criteria(self, current: Tensor) -> tuple[bool, str | None]:
+    @override
+    def evaluate_criteria(self, current: Tensor) -> tuple[bool, str | None]:
         previous_wait = self.wait_count
         previous_best = self.best_score
-        should_stop, reason = super()._evaluate_stopping_criteria(current)
+        should_stop, reason = super().evaluate_criteria(current)
         improved = self.best_score is not previous_best
         if improved and self.baseline is not None and not self._beats_baseline(current):
             # Keras: a new best that does not beat the baseline does not reset the patience.
@@ -135,7 +144,7 @@ class EarlyStopping(_LightningEarlyStopping):
         self._restore(trainer)
         saved = ""
         if self.checkpoint_on_stop:
-            folder = (trainer.log_dir if trainer.logger is not None else None) or trainer.default_root_dir
+            folder = self.checkpoint_dir or trainer.log_dir or trainer.default_root_dir  # every rank: it broadcasts
             self.checkpoint_path = os.path.join(folder, f"early_stopping-epoch={trainer.current_epoch}.ckpt")
             trainer.save_checkpoint(self.checkpoint_path)  # every rank calls it: the stop decision is reduced
             saved = f" Checkpoint: {self.checkpoint_path}."
@@ -150,13 +159,23 @@ class EarlyStopping(_LightningEarlyStopping):
     def _restore(self, trainer: pl.Trainer) -> None:
         if not self.restore_best_weights or self.best_weights is None:
             return
-        module = trainer.lightning_module
-        module.load_state_dict({k: v.to(module.device) for k, v in self.best_weights.items()})
+        # In place, tensor by tensor (each rank its own shards when sharded): the optimizer keeps its references.
+        state = trainer.lightning_module.state_dict()
+        missing = sorted(set(state) - set(self.best_weights))
+        if missing:
+            raise RuntimeError(f"EarlyStopping: the best weights lack {missing[:3]}: the module changed since they "
+                               "were taken.")
+        with torch.no_grad():
+            for key, value in state.items():
+                local(value).copy_(self.best_weights[key])
         self._restored = True
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restored = False
+        self._sharded = is_sharded(list(pl_module.parameters()))
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # At the end of fit the module holds the best weights, whether or not this callback stopped it.
         if self.restore_best_weights and self.best_weights is not None:
@@ -168,24 +187,25 @@ class EarlyStopping(_LightningEarlyStopping):
                 )
 
     # ------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["best_epoch"] = self.best_epoch
-        if self.restore_best_weights:
+        if self.restore_best_weights and not self._sharded:  # a rank's shards are not the weights: left out
             state["best_weights"] = self.best_weights
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.best_epoch = state_dict.get("best_epoch")
         if self.restore_best_weights:
             self.best_weights = state_dict.get("best_weights")
         if self.best_weights is None and self.restore_best_weights and math.isfinite(float(self.best_score)):
-            from lightning.pytorch.utilities import rank_zero_warn
-
             rank_zero_warn(
                 "EarlyStopping(restore_best_weights=True) resumed from a checkpoint without best weights (written "
-                "without restore_best_weights): the best weights from before the resume cannot be restored."
+                "without restore_best_weights, or under sharded training): the best weights from before the resume "
+                "cannot be restored; only a check that beats the restored best score will be."
             )
 
 

@@ -7,10 +7,10 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
-from lightning_tricks.callbacks._dispatch import global_step_progress, share_train_batch_end, skip_unused_batch_hooks
 from lightning_tricks.functional._checks import check_number
-from lightning_tricks.functional.schedules import _warmup_cosine, resolve_start_factor, warmup_cosine
+from lightning_tricks.functional.schedules import resolve_start_factor, warmup_cosine
 
 
 class WarmupCosine(pl.Callback):
@@ -48,9 +48,6 @@ class WarmupCosine(pl.Callback):
         trainer = L.Trainer(max_epochs=100, callbacks=[WarmupCosine(warmup=0.1)])
     """
 
-    #: Its batch-end hook may run inside a neighbour's single Lightning dispatch (see ``share_train_batch_end``).
-    shares_train_batch_end = True
-
     def __init__(
         self,
         warmup: float | int = 0.1,
@@ -79,12 +76,9 @@ class WarmupCosine(pl.Callback):
         self.base_lrs: list[list[float]] | None = None
         self.planned_total: int | None = None
         self.warmup_steps: int | None = None
-        self._factor, self._factor_step = 1.0, -1
-        self._progress: Any = None  # the global-step record, from on_train_start
-        self._groups: list[tuple[dict[str, Any], float]] = []  # (param group, base lr), from on_train_start
-        skip_unused_batch_hooks(self)
 
     # ------------------------------------------------------------------ checks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # A new fit starts unplanned; a resumed one gets its plan back from `load_state_dict`, which
         # Lightning calls after `setup`.
@@ -96,6 +90,7 @@ class WarmupCosine(pl.Callback):
                 "would be wrong. Use a fixed `Trainer(accumulate_grad_batches=k)` or pass `total_steps=`."
             )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         scheduled = {id(cfg.scheduler.optimizer) for cfg in trainer.lr_scheduler_configs}
         for i, opt in enumerate(trainer.optimizers):
@@ -117,6 +112,7 @@ class WarmupCosine(pl.Callback):
             )
         return int(total)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = self._estimate_total(trainer)
         if self.planned_total is None:  # a fresh run: plan it
@@ -136,18 +132,13 @@ class WarmupCosine(pl.Callback):
                     f"min_lr_ratio after it). Pass `WarmupCosine(total_steps=...)` to re-plan."
                 )
         assert self.base_lrs is not None
-        self._progress = global_step_progress(trainer, pl_module)
         shapes = [len(opt.param_groups) for opt in trainer.optimizers]
         if shapes != [len(groups) for groups in self.base_lrs]:
             raise ValueError(
                 f"WarmupCosine: the optimizers have {shapes} param groups but the saved schedule has "
                 f"{[len(g) for g in self.base_lrs]}; the base lrs cannot be matched."
             )
-        # The (param group, base lr) pairs, kept for the fit: one flat loop per step, no Trainer property.
-        self._groups = [(group, lr) for opt, base in zip(trainer.optimizers, self.base_lrs)
-                        for group, lr in zip(opt.param_groups, base)]
         self._apply(trainer)
-        share_train_batch_end(trainer)
 
     def _plan(self, total: int) -> None:
         warmup = round(self.warmup * total) if isinstance(self.warmup, float) else self.warmup
@@ -156,7 +147,6 @@ class WarmupCosine(pl.Callback):
                 f"`warmup` ({self.warmup!r} -> {warmup} steps) must be shorter than the run ({total} optimizer steps)."
             )
         self.planned_total, self.warmup_steps = total, int(warmup)
-        self._factor_step = -1
 
     # ------------------------------------------------------------------ the schedule
     def lr_factor(self, step: int) -> float:
@@ -173,19 +163,12 @@ class WarmupCosine(pl.Callback):
     def _apply(self, trainer: pl.Trainer) -> None:
         if self.base_lrs is None:
             return
-        progress = self._progress
-        step = progress.completed if progress is not None else trainer.global_step
-        if self._factor_step == -1:  # first step of a fit or of a resume: check the arguments once
-            self._factor = self.lr_factor(step)
-            self._start = resolve_start_factor(self.start_factor, self.warmup_steps or 0)
-        elif step != self._factor_step:  # arguments checked: the unchecked formula, once per step
-            assert self.planned_total is not None and self.warmup_steps is not None
-            self._factor = _warmup_cosine(step, self.planned_total, self.warmup_steps, self.min_lr_ratio, self._start)
-        self._factor_step = step
-        factor = self._factor
-        for group, lr in self._groups:
-            group["lr"] = lr * factor
+        factor = self.lr_factor(trainer.global_step)
+        for opt, base in zip(trainer.optimizers, self.base_lrs):
+            for group, lr in zip(opt.param_groups, base):
+                group["lr"] = lr * factor
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         # The lr of the next step, set as soon as the counter moves (Lightning steps its own schedulers here too):
@@ -193,11 +176,12 @@ class WarmupCosine(pl.Callback):
         self._apply(trainer)
 
     # ------------------------------------------------------------------ checkpoint
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"base_lrs": self.base_lrs, "planned_total": self.planned_total, "warmup_steps": self.warmup_steps}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._factor_step = -1
         self.base_lrs = state_dict["base_lrs"]
         self.planned_total = state_dict["planned_total"]
         self.warmup_steps = state_dict["warmup_steps"]

@@ -32,12 +32,13 @@ class ConvBase(nn.Module):
 
 
 class Classifier(TricksMixin, pl.LightningModule):
-    """A classifier trained with AdamW through the mixin's default steps."""
+    """A classifier of ``num_classes`` classes trained with AdamW through the mixin's default steps."""
 
-    def __init__(self, net: nn.Module, lr: float = 1e-2, weight_decay: float = 0.01) -> None:
+    def __init__(self, net: nn.Module, lr: float = 1e-2, weight_decay: float = 0.01, num_classes: int = 10) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net
+        self.num_classes = num_classes
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

@@ -19,8 +19,6 @@ from lightning_tricks.functional.schedules import (
 )
 from lightning_tricks.functional.targets import (
     smooth_targets,
-    smoothed_one_hot,
-    smoothing_table,
     soft_cross_entropy,
     to_soft_targets,
 )
@@ -37,8 +35,6 @@ __all__ = [
     "sample_box",
     "sample_lambda",
     "smooth_targets",
-    "smoothed_one_hot",
-    "smoothing_table",
     "soft_cross_entropy",
     "soft_distillation_loss",
     "step_decay",

@@ -91,13 +91,8 @@ def warmup_cosine(
     _check_common(step, warmup_steps, total_steps)
     check_number("min_lr_ratio", min_lr_ratio, low=0.0, high=1.0)
     start = resolve_start_factor(start_factor, warmup_steps)
-    return _warmup_cosine(step, total_steps, warmup_steps, min_lr_ratio, start)
-
-
-def _warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float, start_factor: float) -> float:
-    """:func:`warmup_cosine` without argument checks, for per-step callers that checked them once."""
     if step < warmup_steps:
-        return start_factor + (1.0 - start_factor) * step / warmup_steps
+        return start + (1.0 - start) * step / warmup_steps
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -26,8 +26,6 @@ __all__ = [
     "check_index_targets",
     "smooth_soft",
     "smooth_targets",
-    "smoothed_one_hot",
-    "smoothing_table",
     "soft_cross_entropy",
     "to_soft_targets",
 ]
@@ -134,38 +132,6 @@ def smooth_targets(
     return smooth_soft(soft, smoothing, convention, rows_sum_to_one=exact_rows)
 
 
-def smoothing_table(num_classes: int, smoothing: float, convention: str = "uniform",
-                    device: torch.device | str | None = None) -> Tensor:
-    """The ``(K, K)`` float32 table whose row ``c`` is the smoothed one-hot target of class ``c``.
-
-    Off the diagonal every entry is the wrong classes' share (``eps / K``, or ``eps / (K - 1)`` for ``"others"``),
-    on it the right class's (``1 - eps + eps / K``, or ``1 - eps``). Smoothed targets of class indices are then one
-    row gather, ``table.index_select(0, target)``: what :func:`smoothed_one_hot` does, and what
-    :class:`~lightning_tricks.LabelSmoothing` does with a table it builds once. Arguments are not checked.
-    """
-    if convention == "uniform":
-        spread, right = smoothing / num_classes, 1.0 - smoothing + smoothing / num_classes
-    else:
-        spread, right = smoothing / (num_classes - 1), 1.0 - smoothing
-    return torch.full((num_classes, num_classes), spread, dtype=torch.float32, device=device).fill_diagonal_(right)
-
-
-def smoothed_one_hot(target: Tensor, num_classes: int, smoothing: float, convention: str = "uniform",
-                     table: Tensor | None = None) -> Tensor:
-    """:func:`smooth_targets` for class indices ``(N,)`` with no ignored sample, in one row gather.
-
-    ``table`` is :func:`smoothing_table` (built here when not given: per-step callers pass one they keep).
-    Arguments are not checked (a per-step path: check them once with ``check_number``/``check_choice``);
-    out-of-range indices raise as in :func:`to_soft_targets`.
-    """
-    if table is None:
-        table = smoothing_table(num_classes, smoothing, convention, target.device)
-    try:
-        return table.index_select(0, target)
-    except (IndexError, RuntimeError):
-        raise _range_error(target, num_classes, None) from None
-
-
 def smooth_soft(soft: Tensor, smoothing: float, convention: str = "uniform", rows_sum_to_one: bool = False) -> Tensor:
     """:func:`smooth_targets` for float32 ``(N, K)`` targets, without argument checks (for per-step callers that
     checked them once). Rows keep their mass: an all-zero (ignored) row stays zero unless ``rows_sum_to_one``."""
@@ -185,12 +151,10 @@ def soft_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int | None 
 
     .. math:: \ell = \frac{-\sum_i \sum_k t_{ik} \log \mathrm{softmax}(z_i)_k}{\sum_i \sum_k t_{ik}}
 
-    For soft targets the denominator is the total target mass: ``N`` when every row sums to 1 (the plain
-    mean), and the number of active samples when ``ignore_index`` is given and ignored samples have all-zero
-    rows (what :func:`smooth_targets` makes of them), so ignored samples contribute nothing and do not count
-    in the mean. Index targets take ``F.cross_entropy`` (with ``ignore_index``). No host read. Soft ``(N, K)``
-    targets without ``ignore_index`` take one dot product: the same gradient as ``F.cross_entropy`` bit for bit,
-    with fewer kernels.
+    For soft targets the denominator is the total target mass: ``N`` when every row sums to 1 (then this is
+    ``F.cross_entropy(logits.float(), target)``), and the number of active samples when ``ignore_index`` is given and
+    ignored samples have all-zero rows (what :func:`smooth_targets` makes of them), so ignored samples contribute
+    nothing and do not count in the mean. Index targets take ``F.cross_entropy`` (with ``ignore_index``). No host read.
 
     Args:
         logits: ``(N, K)`` scores of any float dtype (upcast to float32: no bf16 rounding of the loss).
@@ -205,44 +169,7 @@ def soft_cross_entropy(logits: Tensor, target: Tensor, ignore_index: int | None 
             raise _range_error(target, logits.shape[-1], ignore_index) from None
     if target.shape != logits.shape:
         raise ValueError(f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}.")
-    if ignore_index is None:  # rows sum to 1: the mean over samples is the sum over entries divided by N
-        class_dim = 0 if logits.ndim == 1 else 1
-        if target.dtype != logits.dtype or class_dim != logits.ndim - 1 or logits.numel() == 0:
-            return F.cross_entropy(logits, target)  # (N, K, d1, ...) or non-float32 targets: torch's, as before
-        return _soft_ce_rows(logits, target)
+    if ignore_index is None:
+        return F.cross_entropy(logits, target.float())
     total = (target * F.log_softmax(logits, dim=-1)).sum()
     return -total / target.sum().clamp_min(1e-12)
-
-
-def _soft_ce_rows(logits: Tensor, target: Tensor) -> Tensor:
-    """:func:`soft_cross_entropy` for float32 ``(N, K)`` (or ``(K,)``) logits and same-shape float32 soft targets
-    whose rows sum to 1, without argument checks (the per-step path; a shape mismatch raises torch's error).
-
-    ``-<log_softmax(z), t> / N`` as one dot product. torch's probability-target cross-entropy computes
-    ``-(log_softmax(z) * t).sum() / N`` with four more kinds of kernels (mul, sum, neg and their backward), each 10-25
-    us of host time inside a CPU step. The gradient is bit-identical (both send ``-t / N`` into log_softmax's
-    backward; tested), the value equal up to the order of the float32 sum and the last bit of the scaling.
-    """
-    n = logits.shape[0] if logits.ndim == 2 else 1
-    return torch.dot(F.log_softmax(logits, -1).view(-1), target.reshape(-1)) * _neg_reciprocal(n, logits.device)
-
-
-_NEG_RECIPROCALS: dict[tuple[int, torch.device], Tensor] = {}
-
-
-def _neg_reciprocal(n: int, device: torch.device) -> Tensor:
-    """``-1 / n`` as a float32 0-d tensor on ``device``, made once per (n, device).
-
-    Multiplying the dot product by it costs about half of ``.div(-n)`` inside a CPU step (9 against 17 us: no
-    wrapped Python number, no scalar type promotion). It is computed by torch's own float32 division, so the
-    gradient it sends back, ``1 * (1 / -n)``, is bit for bit the one ``.div(-n)`` sends.
-    """
-    key = (n, device)
-    scale = _NEG_RECIPROCALS.get(key)
-    if scale is None:
-        if len(_NEG_RECIPROCALS) >= 64:  # many batch sizes (variable-size batches): keep the cache small
-            _NEG_RECIPROCALS.clear()
-        with torch.inference_mode(False):  # a normal tensor even when first made under inference mode (validation):
-            # autograd saves it in training, which an inference tensor would refuse
-            scale = _NEG_RECIPROCALS[key] = torch.ones((), dtype=torch.float32, device=device).div_(-n)
-    return scale

@@ -1,0 +1,50 @@
+"""Every use of Lightning's (and torch's) private state in lightning-tricks, in one place.
+
+Each is needed for something no public API gives; ``tests/test_compat.py`` fails when Lightning or torch changes one.
+Supported Lightning versions are declared in ``pyproject.toml``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import EarlyStopping as _LightningEarlyStopping
+from torch import Tensor
+
+
+def logger_step(trainer: pl.Trainer) -> int:
+    """The step at which Lightning hands ``self.log`` metrics to the loggers (``_batches_that_stepped``).
+
+    Metrics sent straight to the loggers (as Lightning's ``LearningRateMonitor`` does) use it to line up with the
+    module's own logged metrics; ``trainer.global_step`` differs under manual optimization with several optimizers.
+    """
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def loss_scale(scaler: Any) -> Tensor:
+    """The ``GradScaler``'s current scale as a device tensor. ``scaler.get_scale()`` is public but reads it to the
+    host (a sync per call on a GPU)."""
+    return scaler._scale
+
+
+class EarlyStoppingChecks(_LightningEarlyStopping):
+    """Lightning's ``EarlyStopping`` with its two private check methods named once, as extension points.
+
+    Lightning runs ``_run_early_stopping_check(trainer)`` at each check and ``_evaluate_stopping_criteria(current)``
+    inside it; a subclass overrides :meth:`run_check` and :meth:`evaluate_criteria` instead.
+    """
+
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        self.run_check(trainer)
+
+    def _evaluate_stopping_criteria(self, current: Tensor) -> tuple[bool, str | None]:
+        return self.evaluate_criteria(current)
+
+    def run_check(self, trainer: pl.Trainer) -> None:
+        """One early-stopping check (Lightning's)."""
+        super()._run_early_stopping_check(trainer)
+
+    def evaluate_criteria(self, current: Tensor) -> tuple[bool, str | None]:
+        """Whether to stop at ``current``, and why (Lightning's)."""
+        return super()._evaluate_stopping_criteria(current)
