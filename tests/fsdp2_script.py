@@ -1,0 +1,226 @@
+"""Every callback under FSDP2 (Lightning's ``ModelParallelStrategy``, ``fully_shard``) on 2 CPU processes over gloo.
+
+Run by ``tests/test_sharded.py`` as ``python tests/fsdp2_script.py OUT_DIR [CASE ...]``: Lightning re-executes this
+script for rank 1, so each rank runs every case; the assertions run inside both ranks, and each case that passes on a
+rank writes ``OUT_DIR/<case>.rank<r>.ok``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import warnings
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_tricks import (
+    Distillation,
+    EarlyStopping,
+    GradientMonitor,
+    LabelSmoothing,
+    Mixup,
+    TrainingDoctor,
+    TricksMixin,
+    WarmupCosine,
+    recipe,
+)
+
+warnings.filterwarnings("ignore")
+
+
+class ShardedNet(TricksMixin, pl.LightningModule):
+    """Conv1d + MLP classifier, 4 classes; each layer and the whole net are sharded with ``fully_shard``."""
+
+    num_classes = 4
+
+    def __init__(self, lr: float = 0.02, nan_at: int | None = None) -> None:
+        super().__init__()
+        self.lr, self.nan_at = lr, nan_at
+        self.net = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(),
+                                 nn.Linear(32, 4))
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+def data(n: int = 128, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = torch.randn(n, 1, 16, generator=g) + y.float().view(-1, 1, 1)
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def trainer(out: Path, **kw: Any) -> pl.Trainer:
+    args: dict[str, Any] = dict(
+        accelerator="cpu", devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=timedelta(seconds=90)),
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, default_root_dir=str(out),
+    )
+    args.update(kw)
+    return pl.Trainer(**args)
+
+
+def gathered(t: pl.Trainer, values: list[float]) -> torch.Tensor:
+    return t.strategy.all_gather(torch.tensor(values, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------- cases
+class FullNorm(pl.Callback):
+    """The reference: the norm of the full (gathered) gradient at each optimizer step."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        full = [p.grad.full_tensor() for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.nn.utils.get_total_norm(full)))
+
+
+class Recording(GradientMonitor):
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.history: list[dict[str, float]] = []
+
+    def _emit(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        super()._emit(trainer, metrics)
+        self.history.append(dict(metrics))
+
+
+def case_monitor(out: Path) -> None:
+    ref, mon = FullNorm(), Recording(log_every_n_steps=1)
+    t = trainer(out, max_steps=6, accumulate_grad_batches=2, callbacks=[ref, mon])
+    t.fit(ShardedNet(), data())
+    assert len(mon.history) == len(ref.norms) == 6
+    for m, r in zip(mon.history, ref.norms):
+        assert abs(m["grad/norm"] - r) <= 1e-5 * r, (m["grad/norm"], r)
+    assert isinstance(next(iter(t.lightning_module.parameters())), DTensor)
+    both = gathered(t, [m["grad/norm"] for m in mon.history])
+    assert torch.equal(both[0], both[1])  # every rank logs the same figure
+
+
+class NaNOnOneRank(pl.Callback):
+    """Puts a NaN into rank 1's local shard of the head's gradient at optimizer step 3 only."""
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if trainer.global_step == 3 and trainer.global_rank == 1:
+            grad = pl_module.net[-1].weight.grad
+            grad.to_local().view(-1)[0] = float("nan")
+
+
+def case_monitor_nan(out: Path) -> None:
+    mon = GradientMonitor(log_every_n_steps=2, on_nonfinite="stop", checkpoint_dir=str(out / "nan"))
+    t = trainer(out, max_steps=20, callbacks=[NaNOnOneRank(), mon])
+    t.fit(ShardedNet(), data())
+    assert mon.stopped_step == 3, mon.stopped_step  # rank 0's shards were finite: the reduced decision stops it too
+    steps = gathered(t, [float(t.global_step)])
+    assert steps[0] == steps[1] == 4
+    assert mon.checkpoint_path is not None and os.path.exists(mon.checkpoint_path)
+
+
+class Scripted(ShardedNet):
+    """Logs a scripted val_loss per epoch (best at epoch 1) and keeps each epoch's local shards."""
+
+    SCORES = (1.0, 0.5, 0.9, 0.8, 0.7, 0.95)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shards: list[list[torch.Tensor]] = []
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self.SCORES[self.current_epoch], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.shards.append([p.to_local().detach().clone() for p in self.parameters()])
+
+
+def case_early_stopping(out: Path) -> None:
+    stopper = EarlyStopping("val_loss", patience=3, restore_best_weights=True, checkpoint_dir=str(out / "es"))
+    model = Scripted()
+    t = trainer(out, max_epochs=6, limit_val_batches=1, callbacks=[stopper])
+    t.fit(model, data(64), data(16))
+    assert stopper.best_epoch == 1 and t.current_epoch == 5  # stopped after 3 checks without improvement
+    now = [p.to_local() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(now, model.shards[1]))  # each rank got its own best shards back
+    assert not all(torch.equal(a, b) for a, b in zip(model.shards[1], model.shards[-1]))
+    assert stopper.checkpoint_path is not None and os.path.exists(stopper.checkpoint_path)
+
+
+def case_recipe(out: Path) -> None:
+    callbacks = recipe(early_stopping="val_loss", patience=5)
+    t = trainer(out, max_epochs=3, callbacks=callbacks, log_every_n_steps=4)
+    t.fit(ShardedNet(), data(), data(32))
+    doctor = next(cb for cb in callbacks if isinstance(cb, TrainingDoctor))
+    assert len(doctor.history) == 3 and all(math.isfinite(e.step_loss_mean) for e in doctor.history)
+    t.strategy.barrier()  # rank 0 has written its report
+    reports = sorted(p.name for p in out.iterdir() if p.name.startswith("doctor_report"))
+    assert reports == ["doctor_report.json", "doctor_report.md"]  # one report, written by rank 0
+    assert json.loads((out / "doctor_report.json").read_text())["history"]
+    assert "grad/norm" in t.callback_metrics
+
+
+def case_schedule_and_mixing(out: Path) -> None:
+    lrs: list[float] = []
+
+    class Lr(pl.Callback):
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, opt: Any) -> None:
+            lrs.append(opt.param_groups[0]["lr"])
+
+    mix = Mixup(alpha=1.0)
+    t = trainer(out, max_epochs=2, callbacks=[WarmupCosine(warmup=2), LabelSmoothing(0.1), mix, Lr()])
+    t.fit(ShardedNet(lr=0.01), data(64))
+    from lightning_tricks.functional import warmup_cosine
+
+    assert len(lrs) == 8
+    assert all(abs(lr - 0.01 * warmup_cosine(s, total_steps=8, warmup_steps=2)) < 1e-12 for s, lr in enumerate(lrs))
+    assert mix.batches_seen == 8 and mix.last_draw is not None
+    lams = gathered(t, [float(mix.last_draw[0])])
+    assert lams[0] != lams[1]  # one random stream per rank
+
+
+def case_distillation(out: Path) -> None:
+    torch.manual_seed(5)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    distil = Distillation(teacher, temperature=2.0, alpha=0.5)
+    t = trainer(out, max_steps=4, callbacks=[distil, Mixup(alpha=0.4)])
+    t.fit(ShardedNet(), data())
+    assert not isinstance(teacher[1].weight, DTensor)  # the teacher is a full copy on every rank
+    assert {"distill/soft", "distill/hard"} <= set(t.callback_metrics)
+
+
+CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
+
+if __name__ == "__main__":
+    out_dir = Path(sys.argv[1])
+    names = sys.argv[2:] or list(CASES)
+    for name in names:
+        case_dir = out_dir / name
+        case_dir.mkdir(parents=True, exist_ok=True)
+        pl.seed_everything(0, verbose=False)
+        CASES[name](case_dir)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        (out_dir / f"{name}.rank{rank}.ok").write_text("ok")
+        print(f"fsdp2 case {name}: ok on rank {rank}", flush=True)

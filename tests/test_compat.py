@@ -1,0 +1,58 @@
+"""The Lightning internals in ``lightning_tricks/_compat.py`` still mean what we use them for."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
+from lightning.pytorch.plugins import MixedPrecision
+
+from lightning_tricks._compat import EarlyStoppingChecks, logger_step, loss_scale
+from tests.conftest import TinyNet, loader, quiet_trainer
+
+
+class StepProbe(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.seen.append((logger_step(trainer), trainer.global_step))
+
+
+def test_logger_step_counts_the_batches_that_stepped() -> None:
+    probe = StepProbe()
+    quiet_trainer(max_steps=4, accumulate_grad_batches=2, callbacks=[probe]).fit(TinyNet(), loader(64, 8))
+    # Lightning increments it after on_train_batch_end of each stepping batch: it lags global_step there by one
+    # on stepping batches and equals it in between.
+    assert probe.seen == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 2), (2, 3), (3, 3), (3, 4)]
+
+
+def test_loss_scale_is_the_scalers_tensor() -> None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    trainer = quiet_trainer(max_steps=2, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    trainer.fit(TinyNet(), loader())
+    scale = loss_scale(trainer.precision_plugin.scaler)
+    assert isinstance(scale, torch.Tensor) and float(scale) == scaler.get_scale()
+
+
+def test_early_stopping_check_methods_exist_and_run() -> None:
+    run = inspect.signature(LightningEarlyStopping._run_early_stopping_check)
+    evaluate = inspect.signature(LightningEarlyStopping._evaluate_stopping_criteria)
+    assert list(run.parameters) == ["self", "trainer"]
+    assert list(evaluate.parameters) == ["self", "current"]
+    calls: list[str] = []
+
+    class Counting(EarlyStoppingChecks):
+        def run_check(self, trainer: pl.Trainer) -> None:
+            calls.append("check")
+            super().run_check(trainer)
+
+        def evaluate_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
+            calls.append("evaluate")
+            return super().evaluate_criteria(current)
+
+    quiet_trainer(max_epochs=3, callbacks=[Counting("val_loss", patience=10)]).fit(TinyNet(), loader(), loader(16))
+    assert calls == ["check", "evaluate"] * 3
