@@ -27,7 +27,7 @@ def recipe(
     monitor: bool = True,
     early_stopping: str | None = "val_loss",
     patience: int = 10,
-    mode: str = "min",
+    mode: str | None = None,
     restore_best_weights: bool = True,
     start_from_epoch: int = 0,
     doctor: bool = True,
@@ -43,7 +43,8 @@ def recipe(
         monitor: add :class:`GradientMonitor` (stops cleanly on non-finite gradients).
         early_stopping: the metric for :class:`EarlyStopping`, or ``None`` to leave it out.
         patience: early-stopping patience in checks (the guide: 7-10).
-        mode: ``"min"`` or ``"max"`` for the early-stopping metric.
+        mode: ``"min"`` or ``"max"`` for the early-stopping metric; ``None`` infers it from the metric's name
+            (``val_acc`` -> max, ``val_loss`` -> min; see :class:`EarlyStopping`).
         restore_best_weights: end the fit on the best check's weights.
         start_from_epoch: early-stopping checks before this epoch do not count.
         doctor: add :class:`TrainingDoctor`.
@@ -54,6 +55,12 @@ def recipe(
         trainer = L.Trainer(callbacks=recipe())                 # 2. the callbacks
         # and in configure_optimizers: return adamw(self, lr=1e-3)
     """
+    check_number("label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
+    if mixup is not None:
+        check_number("mixup", mixup, low=0.0)
+    check_number("cutmix", cutmix, low=0.0)
+    check_number("patience", patience, low=0, integer=True)
+    check_number("start_from_epoch", start_from_epoch, low=0, integer=True)
     callbacks: list[pl.Callback] = [WarmupCosine(warmup=warmup, min_lr_ratio=min_lr_ratio)]
     if label_smoothing:
         callbacks.append(LabelSmoothing(label_smoothing))
@@ -69,6 +76,10 @@ def recipe(
     return callbacks
 
 
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
+          *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
+
+
 def adamw(
     module: nn.Module,
     lr: float = 1e-3,
@@ -78,16 +89,25 @@ def adamw(
 ) -> torch.optim.AdamW:
     """The guide's optimizer: AdamW, weight decay 0.01, with biases and normalisation weights not decayed.
 
-    Parameters with fewer than 2 dimensions (biases, BatchNorm/LayerNorm scales and shifts) go in a group with
-    ``weight_decay=0`` when ``exclude_bias_and_norm`` (as timm, Hugging Face and fastai do): decaying them only
-    fights the normalisation. Frozen parameters are left out.
+    With ``exclude_bias_and_norm``, biases (parameters named ``bias``) and every parameter of a normalisation layer
+    (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm) go in a group with ``weight_decay=0``, as timm, Hugging
+    Face and fastai do: decaying them only fights the normalisation. The choice is made by module type and name, not
+    by shape, so lazy modules (``LazyLinear``, whose parameters have no shape before the first forward) are grouped
+    right. Frozen parameters are left out.
     """
     check_number("lr", lr, low=0.0, low_open=True)
     check_number("weight_decay", weight_decay, low=0.0)
-    params = [p for p in module.parameters() if p.requires_grad]
     if not exclude_bias_and_norm:
+        params = [p for p in module.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for sub in module.modules():
+        for name, p in sub.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (no_decay if isinstance(sub, _NORMS) or name == "bias" else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)

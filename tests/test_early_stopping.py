@@ -23,7 +23,7 @@ class Scripted(TinyNet):
         self.weights_at: dict[int, list[torch.Tensor]] = {}
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("score", torch.tensor(self.scores[self.current_epoch]), sync_dist=True)
+        self.log("val_loss", torch.tensor(self.scores[self.current_epoch]), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
@@ -49,8 +49,8 @@ SEQUENCES = [
 
 @pytest.mark.parametrize(("scores", "kwargs"), SEQUENCES)
 def test_same_decisions_as_lightnings_early_stopping(scores: list[float], kwargs: dict) -> None:
-    ours_trainer, _ = _fit(EarlyStopping("score", **kwargs), scores)
-    ref_trainer, _ = _fit(LightningEarlyStopping("score", **kwargs), scores)
+    ours_trainer, _ = _fit(EarlyStopping("val_loss", **kwargs), scores)
+    ref_trainer, _ = _fit(LightningEarlyStopping("val_loss", **kwargs), scores)
     ours = next(c for c in ours_trainer.callbacks if isinstance(c, EarlyStopping))
     ref = next(c for c in ref_trainer.callbacks if isinstance(c, LightningEarlyStopping))
     assert ours_trainer.current_epoch == ref_trainer.current_epoch
@@ -63,7 +63,7 @@ def test_same_decisions_as_lightnings_early_stopping(scores: list[float], kwargs
 
 
 def test_restore_best_weights_when_it_stops() -> None:
-    cb = EarlyStopping("score", patience=2, restore_best_weights=True)
+    cb = EarlyStopping("val_loss", patience=2, restore_best_weights=True)
     _trainer, model = _fit(cb, [1.0, 0.8, 0.3, 0.5, 0.6, 0.7, 0.2])
     assert cb.stopped_epoch == 4 and cb.best_epoch == 2
     for p, q in zip(model.parameters(), model.weights_at[2]):
@@ -79,7 +79,7 @@ def test_restore_best_weights_when_it_stops() -> None:
 
 
 def test_restore_best_weights_at_the_end_of_fit() -> None:
-    cb = EarlyStopping("score", patience=10, restore_best_weights=True)
+    cb = EarlyStopping("val_loss", patience=10, restore_best_weights=True)
     _trainer, model = _fit(cb, [1.0, 0.2, 0.5, 0.6])
     assert cb.stopped_epoch == 0 and cb.best_epoch == 1  # it did not stop: max_epochs ended the fit
     for p, q in zip(model.parameters(), model.weights_at[1]):
@@ -87,14 +87,14 @@ def test_restore_best_weights_at_the_end_of_fit() -> None:
 
 
 def test_without_restore_the_last_weights_stay() -> None:
-    cb = EarlyStopping("score", patience=2)
+    cb = EarlyStopping("val_loss", patience=2)
     _, model = _fit(cb, [1.0, 0.8, 0.3, 0.5, 0.6])
     for p, q in zip(model.parameters(), model.weights_at[4]):
         assert torch.equal(p, q)
 
 
 def test_start_from_epoch() -> None:
-    cb = EarlyStopping("score", patience=2, start_from_epoch=3)
+    cb = EarlyStopping("val_loss", patience=2, start_from_epoch=3)
     _trainer, _ = _fit(cb, [0.1, 0.2, 0.3, 1.0, 0.9, 0.95, 0.96, 0.97])
     # epochs 0-2 do not count: the best is 0.9 at epoch 4, and patience runs out at epoch 6
     assert cb.best_epoch == 4 and float(cb.best_score) == pytest.approx(0.9)
@@ -102,7 +102,7 @@ def test_start_from_epoch() -> None:
 
 
 def test_baseline_must_be_beaten_within_patience() -> None:
-    cb = EarlyStopping("score", patience=3, baseline=0.5)
+    cb = EarlyStopping("val_loss", patience=3, baseline=0.5)
     _trainer, _ = _fit(cb, [1.0, 0.9, 0.8, 0.7, 0.6, 0.55, 0.52])
     assert cb.stopped_epoch == 2  # improving, but never below 0.5: stop after 3 checks
     assert "did not beat the baseline 0.5" in cb.stopping_reason_message
@@ -110,7 +110,7 @@ def test_baseline_must_be_beaten_within_patience() -> None:
 
 
 def test_baseline_beaten_resets_patience() -> None:
-    cb = EarlyStopping("score", patience=3, baseline=0.5)
+    cb = EarlyStopping("val_loss", patience=3, baseline=0.5)
     _fit(cb, [1.0, 0.9, 0.4, 0.39, 0.38, 0.37, 0.36])
     assert cb.stopped_epoch == 0  # ran to the end
 
@@ -120,10 +120,10 @@ def test_resume_keeps_the_best_weights(tmp_path: Any) -> None:
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
     model = Scripted(scores)
     trainer = quiet_trainer(max_epochs=3, limit_train_batches=2, limit_val_batches=1, enable_checkpointing=True,
-                            callbacks=[EarlyStopping("score", patience=3, restore_best_weights=True), ckpt])
+                            callbacks=[EarlyStopping("val_loss", patience=3, restore_best_weights=True), ckpt])
     trainer.fit(model, loader(32, 8), loader(8, 8))
     best = model.weights_at[1]
-    cb = EarlyStopping("score", patience=3, restore_best_weights=True)
+    cb = EarlyStopping("val_loss", patience=3, restore_best_weights=True)
     resumed = Scripted(scores)
     trainer = quiet_trainer(max_epochs=8, limit_train_batches=2, limit_val_batches=1, callbacks=[cb])
     trainer.fit(resumed, loader(32, 8), loader(8, 8), ckpt_path=str(tmp_path / "epoch=2.ckpt"))
@@ -145,7 +145,7 @@ class _DDPScripted(Scripted):
 def test_ddp_two_cpu_processes() -> None:
     model = _DDPScripted([1.0, 0.2, 0.5, 0.6, 0.7, 0.8])
     trainer = quiet_trainer(devices=2, strategy="ddp_fork", max_epochs=6, limit_train_batches=2, limit_val_batches=1,
-                            callbacks=[EarlyStopping("score", patience=2, restore_best_weights=True)])
+                            callbacks=[EarlyStopping("val_loss", patience=2, restore_best_weights=True)])
     trainer.fit(model, loader(64, 8), loader(16, 8))
     assert trainer.state.finished
 

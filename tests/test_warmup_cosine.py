@@ -164,7 +164,7 @@ def test_ddp_two_cpu_processes() -> None:
     ("kwargs", "error", "match"),
     [
         (dict(warmup=-1), ValueError, r"`warmup` must be in \[0, inf\], got -1"),
-        (dict(warmup=1.0), ValueError, r"`warmup` must be in \[0.0, 1.0\), got 1.0"),
+        (dict(warmup=1.0), ValueError, r"fraction of the run in \[0.0, 1.0\).*int: warmup=500 is 500 steps\), got 1.0"),
         (dict(warmup=-0.1), ValueError, "`warmup`"),
         (dict(warmup="10"), TypeError, "`warmup`"),
         (dict(min_lr_ratio=1.5), ValueError, r"`min_lr_ratio` must be in \[0.0, 1.0\], got 1.5"),

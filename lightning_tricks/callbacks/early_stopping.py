@@ -16,6 +16,26 @@ from lightning_tricks._compat import EarlyStoppingChecks
 from lightning_tricks._sharding import is_sharded, local
 from lightning_tricks.functional._checks import check_number
 
+_MAX_WORDS = ("acc", "f1", "auroc", "auc", "precision", "recall", "iou", "dice", "map")
+_MIN_WORDS = ("loss", "error", "err", "mse", "mae", "nll", "perplexity")
+
+
+def infer_mode(monitor: str, mode: str | None) -> str:
+    """``mode`` if given (``"min"``/``"max"``), else the one the metric's name says, else a clear error."""
+    if mode is not None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}.")
+        return mode
+    words = [w for w in monitor.lower().replace("/", "_").replace("-", "_").replace(".", "_").split("_") if w]
+    says_max = any(w.startswith(_MAX_WORDS) or w.endswith(("acc", "accuracy")) for w in words)
+    says_min = any(w in _MIN_WORDS or w.endswith("loss") for w in words)
+    if says_max == says_min:
+        raise ValueError(
+            f"cannot tell from the metric's name {monitor!r} whether higher or lower is better: pass `mode='max'` "
+            "(accuracy-like) or `mode='min'` (loss-like)."
+        )
+    return "max" if says_max else "min"
+
 
 class EarlyStopping(EarlyStoppingChecks):
     r"""A drop-in for :class:`lightning.pytorch.callbacks.EarlyStopping` that can also keep the best model.
@@ -40,6 +60,11 @@ class EarlyStopping(EarlyStoppingChecks):
             nothing trained is lost even without a ``ModelCheckpoint``; its path is in ``checkpoint_path``.
         checkpoint_dir: where that checkpoint goes.
 
+    ``mode`` (Lightning's default is ``"min"``) is inferred from the metric's name when not given: names with
+    ``acc``, ``f1``, ``auroc``, ``auc``, ``precision``, ``recall``, ``iou``, ``dice`` or ``map`` are maximised, names
+    with ``loss``, ``error``, ``err``, ``mse``, ``mae``, ``nll`` or ``perplexity`` minimised; any other name needs an
+    explicit ``mode``. The mode used is in ``mode``.
+
     Whenever it stops it says why, with the best score and its epoch (``rank_zero_info``; also in
     ``stopping_reason_message`` and ``summary``).
 
@@ -54,7 +79,7 @@ class EarlyStopping(EarlyStoppingChecks):
         min_delta: float = 0.0,
         patience: int = 3,
         verbose: bool = False,
-        mode: str = "min",
+        mode: str | None = None,
         strict: bool = True,
         check_finite: bool = True,
         stopping_threshold: float | None = None,
@@ -67,6 +92,9 @@ class EarlyStopping(EarlyStoppingChecks):
         checkpoint_on_stop: bool = True,
         checkpoint_dir: str | None = None,
     ) -> None:
+        check_number("patience", patience, low=0, integer=True)
+        check_number("min_delta", min_delta)
+        mode = infer_mode(monitor, mode)
         super().__init__(
             monitor=monitor,
             min_delta=min_delta,

@@ -78,6 +78,10 @@ class GradientMonitor(pl.Callback):
       bad updates may already be applied, so the message says whether the checkpoint's weights are finite.
     """
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The NumPy view of the buffer is remade at the next fit start (a deepcopy or a spawn after a fit).
+        return {k: v for k, v in vars(self).items() if k != "_host_rows"}
+
     def __init__(
         self,
         log_every_n_steps: int | None = None,
@@ -121,14 +125,17 @@ class GradientMonitor(pl.Callback):
         params = self.layout.params
         self._device = pl_module.device
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
-        # Squared norm of each parameter's (local) gradient, one row per optimizer step of the logging interval.
-        self._sq = torch.zeros(self._every, len(params), dtype=torch.float32, device=self._device)
+        # The norm of each parameter's (local) gradient, one row per optimizer step of the logging interval.
+        self._norms = torch.zeros(self._every, len(params), dtype=torch.float32, device=self._device)
+        self._float32 = all(p.dtype == torch.float32 for p in params)
         self._row_steps: list[int] = []
         self._group_of = np.asarray(self.layout.group_of)
         self._sharded = is_sharded(params)
         self._shard_sum = ShardSum(params)
-        # One process on the CPU: the buffer is host memory, so each step can be judged before its update.
-        self._judge_each_step = trainer.world_size == 1 and self._device.type == "cpu"
+        # One process on the CPU: the buffer is host memory (a NumPy view of it), so each step is judged before its
+        # update; elsewhere at logging steps, with no per-step host read.
+        single_cpu = trainer.world_size == 1 and self._device.type == "cpu"
+        self._host_rows = self._norms.numpy() if single_cpu else None
         self._baseline_sum = np.zeros(len(self.layout.names))
         self._baseline_n = 0
         self._out_of_range = [0] * len(self.layout.names)
@@ -158,25 +165,26 @@ class GradientMonitor(pl.Callback):
         if optimizer is not trainer.optimizers[0] or self.stopped_step is not None:
             return  # one record per optimizer step: at the first optimizer's
         grads = [p.grad for p in self.layout.params]
-        present = [i for i, g in enumerate(grads) if g is not None]
-        if not present:
-            return
-        if len(present) < len(grads):  # some parameters got no gradient this step: their norm counts as 0
-            grads = [grads[i] for i in present]
         if self._sharded:
-            grads = [local(g) for g in grads]
-        sq = torch.stack(torch._foreach_norm(grads)).float().square()
+            grads = [None if g is None else local(g) for g in grads]
+        row = len(self._row_steps)
+        try:  # every parameter has a gradient (the usual case): one fused norm, stacked into this step's row
+            if self._float32:
+                torch.stack(torch._foreach_norm(grads), out=self._norms[row])
+            else:
+                self._norms[row].copy_(torch.stack(torch._foreach_norm(grads)))
+        except (TypeError, RuntimeError):  # some parameters got no gradient this step: their norm counts as 0
+            present = [i for i, g in enumerate(grads) if g is not None]
+            if not present:
+                return
+            norms = torch.stack(torch._foreach_norm([grads[i] for i in present])).float()
+            self._norms[row].zero_().index_copy_(0, torch.tensor(present, device=norms.device), norms)
         scaler = self._scaler(trainer)
         if self._self_unscaling and scaler is not None:
-            sq = sq / loss_scale(scaler).to(sq.device).square()
-        row = len(self._row_steps)
-        if len(present) < len(self.layout.params):
-            self._sq[row].zero_().index_copy_(0, torch.tensor(present, device=sq.device), sq)
-        else:
-            self._sq[row].copy_(sq)
+            self._norms[row].div_(loss_scale(scaler).to(self._norms.device))
         self._row_steps.append(trainer.global_step)
-        if self._judge_each_step and scaler is None and not math.isfinite(float(self._sq[row].sum())):
-            self._handle_nonfinite(trainer, pl_module, self._group_squares(self._sq[: row + 1].numpy()),
+        if self._host_rows is not None and scaler is None and not np.isfinite(self._host_rows[row].sum()):
+            self._handle_nonfinite(trainer, pl_module, self._group_squares(np.square(self._host_rows[: row + 1])),
                                    before_update=True)
             if self.stopped_step is not None:
                 return
@@ -193,9 +201,9 @@ class GradientMonitor(pl.Callback):
     # ------------------------------------------------------------------ at logging steps: one host read
     def _interval_squares(self, extra: Tensor | None = None) -> np.ndarray:
         """The interval's squared group norms ``(steps, groups)`` (summed over the shard group when sharded), float64
-        on the host; ``extra`` ``(rows, params)`` rides along in the same collective and transfer."""
+        on the host; ``extra`` ``(rows, params)`` of squares rides along in the same collective and transfer."""
         n = len(self._row_steps)
-        values = self._sq[:n] if extra is None else torch.cat([self._sq[:n], extra])
+        values = self._norms[:n].square() if extra is None else torch.cat([self._norms[:n].square(), extra])
         host = np.asarray(self._shard_sum(values).tolist(), dtype=np.float64).reshape(-1, len(self.layout.params))
         return self._group_squares(host)
 
@@ -258,7 +266,7 @@ class GradientMonitor(pl.Callback):
                 f"(loss scale {metrics['amp/loss_scale']:.3g}): the gradients are persistently non-finite, not an "
                 "occasional overflow. Lower the lr, clip gradients or check the loss for NaN/inf."
             )
-        self._sq.zero_()
+        self._norms.zero_()
         self._row_steps = []
 
     def _emit(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:

@@ -122,10 +122,18 @@ class Mixup(TrickCallback):
 
         Philox is counter-based: keyed by (seed, rank), positioned by the batch number. The batch number goes in the
         counter's second 64-bit word: the generator advances the first word as it draws, so each batch owns a
-        disjoint stream (in the first word, batch c + 1's stream would be batch c's shifted by four values).
+        disjoint stream (in the first word, batch c + 1's stream would be batch c's shifted by four values). One
+        generator per key is kept and moved to each batch's position (building one costs more than the draws).
         """
         key = (int(self.seed or 0) % 2**64) ^ (rank * 0x9E3779B97F4A7C15 % 2**64)
-        return np.random.Generator(np.random.Philox(key=key, counter=[0, batch, 0, 0]))
+        if getattr(self, "_key", None) != key:
+            self._key, self._bits = key, np.random.Philox(key=key)
+            self._gen = np.random.Generator(self._bits)
+        state = self._bits.state
+        state["state"]["counter"][:] = (0, batch, 0, 0)
+        state["buffer_pos"], state["has_uint32"], state["uinteger"] = 4, 0, 0  # nothing buffered from before
+        self._bits.state = state
+        return self._gen
 
     def _draw_per_batch(self, rng: np.random.Generator, n: int,
                         spatial: tuple[int, ...]) -> tuple[bool, bool, float, list[tuple[int, int]] | None, np.ndarray]:

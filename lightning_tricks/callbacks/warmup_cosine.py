@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -58,7 +59,11 @@ class WarmupCosine(pl.Callback):
         if isinstance(warmup, bool) or not isinstance(warmup, (int, float)):
             raise TypeError(f"`warmup` must be a float fraction in [0, 1) or an int number of steps, got {warmup!r}.")
         if isinstance(warmup, float):
-            check_number("warmup", warmup, low=0.0, high=1.0, high_open=True)
+            if not (math.isfinite(warmup) and 0.0 <= warmup < 1.0):
+                raise ValueError(
+                    f"`warmup` must be a fraction of the run in [0.0, 1.0) (a float) or a number of optimizer steps "
+                    f"(an int: warmup=500 is 500 steps), got {warmup!r}."
+                )
         else:
             check_number("warmup", warmup, low=0, integer=True)
         check_number("min_lr_ratio", min_lr_ratio, low=0.0, high=1.0)
