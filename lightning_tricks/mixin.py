@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor
 
 from lightning_tricks.functional.targets import soft_cross_entropy, to_soft_targets
@@ -65,7 +66,9 @@ class TricksMixin:
         from lightning_tricks.callbacks._base import TrickCallback
 
         trainer = getattr(self, "_trainer", None)  # the `trainer` property raises when the module is not attached
-        if trainer is None or not trainer.training or trainer.sanity_checking:
+        # `trainer.training and not trainer.sanity_checking`, by identity (those properties compare strings through
+        # Lightning's enum __eq__, twice per step here): the training stage is never the sanity check.
+        if trainer is None or trainer.state.stage is not RunningStage.TRAINING:
             return []
         return sorted((cb for cb in trainer.callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
 
@@ -83,7 +86,9 @@ class TricksMixin:
             raise ValueError(
                 f"{names} build soft targets before the forward pass and need the class count: set `num_classes` on "
                 f"the module (`self.num_classes = 10`, or a `num_classes` hyper-parameter) or pass it to the callback "
-                "(`LabelSmoothing(0.1, num_classes=10)`)."
+                "(`LabelSmoothing(0.1, num_classes=10)`). If your loss is not a softmax cross-entropy over classes "
+                "(regression, binary with one logit, multi-label), leave them out: `recipe(label_smoothing=0, "
+                "mixup=None)`."
             )
         return int(k)
 

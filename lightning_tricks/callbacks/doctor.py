@@ -16,6 +16,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_tricks.callbacks.gradient_monitor import GradientMonitor
+from lightning_tricks.callbacks.warmup_cosine import WarmupCosine
 from lightning_tricks.functional._checks import check_number
 
 SEVERITIES = ("info", "warning", "error")
@@ -80,7 +81,11 @@ class TrainingDoctor(pl.Callback):
       that rose by more than 50 % over the previous one, in two epochs or more: warmup, lower lr, clipping,
       normalisation layers.
     * ``vanishing_gradients`` / ``exploding_gradients`` (warning): flagged by :class:`GradientMonitor`.
+    * ``ended_in_warmup`` (warning): with :class:`WarmupCosine`, the run ended before the lr reached its peak.
     * ``healthy`` / ``too_short`` (info).
+
+    The lr it quotes is the schedule's peak when :class:`WarmupCosine` runs: a low lr in the warmup or in the cosine's
+    tail is set on purpose and is never blamed.
 
     A warning is raised when a problem first appears; the report prints at the end of fit, goes to the loggers
     (``doctor/warnings``, ``doctor/errors``) and is written as ``doctor_report.md`` and ``doctor_report.json``
@@ -241,16 +246,23 @@ class TrainingDoctor(pl.Callback):
         if len(losses) >= self.min_epochs:
             first, now = losses[0], losses[-1]
             fall = (first - now) / abs(first) if first else 0.0
-            if fall < self.flat_tolerance:
-                ev: dict[str, Any] = {"first_epoch_loss": first, "now": now, "relative_fall": fall, "lr": rec.lr}
+            schedule = _schedule(trainer)
+            in_warmup = schedule is not None and trainer.global_step < (schedule.warmup_steps or 0)
+            if fall < self.flat_tolerance and not in_warmup:  # (a run inside its warmup is reported at fit end)
+                ev: dict[str, Any] = {"first_epoch_loss": first, "now": now, "relative_fall": fall}
+                peak = _peak_lr(schedule)
+                # The lr that a schedule lowered on purpose (the cosine's tail) is not a cause: judge the peak lr.
+                scheduled_low = peak is not None and rec.lr is not None and rec.lr < 0.5 * peak
+                ev |= {"peak_lr": peak, "lr_now": rec.lr} if peak is not None else {"lr": rec.lr}
                 ratios = [v for k, v in rec.grad.items() if k.startswith("grad/update_ratio/")]
-                if ratios:
+                if ratios and not scheduled_low:
                     ev["max_update_ratio"] = max(ratios)
-                small_lr = bool(ratios) and max(ratios) < 1e-5
+                small_lr = bool(ratios) and max(ratios) < 1e-5 and not scheduled_low
+                lr_name = f"the peak lr ({_fmt(peak)})" if peak is not None else f"the lr ({_fmt(rec.lr)})"
                 self._add(trainer, "loss_not_falling", "warning", "the training loss does not fall", ev, [
                     ("the lr is far too small: updates are under 1e-5 of the weights (1e-3 is typical); raise it or "
                      "run Lightning's LR finder") if small_lr else
-                    "lr too small? try 10x, or Lightning's LR finder (Tuner.lr_find)",
+                    f"{lr_name} too small? try 10x, or Lightning's LR finder (Tuner.lr_find)",
                     "data or labels wrong? look at a batch: do the labels match the inputs (not shuffled apart)?",
                     "output size mismatch? the head must output one logit per class",
                     "can the model overfit one batch? (Trainer(overfit_batches=1)): if not, it is a bug",
@@ -317,7 +329,9 @@ class TrainingDoctor(pl.Callback):
         if len(norms) >= 2 and norms[-1] > 100 * norms[0]:
             ev["grad_norm_growth"] = norms[-1] / norms[0]
             advice.append("exploding gradients: clip them (gradient_clip_val=1.0) and lower the lr")
-        advice += [f"lr too large? (lr = {_fmt(rec.lr)}): try 10x smaller, with a warmup",
+        peak = _peak_lr(_schedule(trainer))
+        lr_name = f"peak lr = {_fmt(peak)}" if peak is not None else f"lr = {_fmt(rec.lr)}"
+        advice += [f"lr too large? ({lr_name}): try 10x smaller, with a warmup",
                    "clip gradients (gradient_clip_val=1.0)",
                    "numerics: use log_softmax/cross_entropy rather than log(softmax), add eps to divisions and logs, "
                    "prefer bf16 to fp16"]
@@ -331,6 +345,14 @@ class TrainingDoctor(pl.Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         h = self.history
+        schedule = _schedule(trainer)
+        if schedule is not None and schedule.warmup_steps and trainer.global_step < schedule.warmup_steps:
+            self._add(trainer, "ended_in_warmup", "warning", "the run ended inside the lr warmup: the lr never reached "
+                      "its peak, so the loss trends say little about the lr",
+                      {"optimizer_steps": trainer.global_step, "warmup_steps": schedule.warmup_steps,
+                       "peak_lr": _peak_lr(schedule)},
+                      [f"train for more than the warmup's {schedule.warmup_steps} optimizer steps, or shorten it "
+                       "(WarmupCosine(warmup=...): a float is a fraction of the run, an int a number of steps)"])
         if len(h) < self.min_epochs:
             self._add(trainer, "too_short", "info", f"only {len(h)} epoch(s): too short to judge the loss trends",
                       {"epochs": len(h), "min_epochs": self.min_epochs}, ["train longer for a diagnosis"])
@@ -371,6 +393,17 @@ class TrainingDoctor(pl.Callback):
     def worst_severity(self) -> str:
         """``"error"``, ``"warning"`` or ``"info"``."""
         return max((f.severity for f in self.findings), key=SEVERITIES.index, default="info")
+
+
+def _schedule(trainer: pl.Trainer) -> WarmupCosine | None:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, WarmupCosine)), None)
+
+
+def _peak_lr(schedule: WarmupCosine | None) -> float | None:
+    """The largest base lr of a planned :class:`WarmupCosine`, else ``None``."""
+    if schedule is None or not schedule.base_lrs:
+        return None
+    return max(lr for group in schedule.base_lrs for lr in group)
 
 
 def _metric(m: dict[str, Tensor], key: str) -> float | None:

@@ -40,6 +40,9 @@ class WarmupCosine(pl.Callback):
     the saved total is kept and a warning says so; pass ``total_steps=`` explicitly to re-plan (the lr then
     jumps to the new curve, which the warning also says).
 
+    Several optimizers under manual optimization (a GAN): ``global_step`` then counts every optimizer's steps, so the
+    schedule runs per training batch instead, the same for every optimizer (the position is in the callback's state).
+
     Mixed precision: under ``16-mixed``, a step that ``GradScaler`` skips still advances ``global_step``
     in Lightning, so the schedule moves on too (as with any Lightning scheduler). Counting only applied
     updates would need a host read of the scaler every step; this callback does not do it.
@@ -81,6 +84,9 @@ class WarmupCosine(pl.Callback):
         self.base_lrs: list[list[float]] | None = None
         self.planned_total: int | None = None
         self.warmup_steps: int | None = None
+        #: Training batches done, the schedule's position under manual optimization with several optimizers.
+        self.batches_done = 0
+        self._per_batch = False
 
     # ------------------------------------------------------------------ checks
     @override
@@ -88,6 +94,7 @@ class WarmupCosine(pl.Callback):
         # A new fit starts unplanned; a resumed one gets its plan back from `load_state_dict`, which
         # Lightning calls after `setup`.
         self.base_lrs = self.planned_total = self.warmup_steps = None
+        self.batches_done = 0
         if any(isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks):
             raise ValueError(
                 "WarmupCosine cannot be used with GradientAccumulationScheduler: Lightning's "
@@ -119,6 +126,15 @@ class WarmupCosine(pl.Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Under manual optimization with several optimizers `global_step` counts every optimizer's steps (a GAN
+        # advances it twice a batch): the schedule then runs per training batch, the unit Lightning's estimate counts.
+        self._per_batch = not pl_module.automatic_optimization and len(trainer.optimizers) > 1
+        if self._per_batch and self.total_steps is None and trainer.max_steps != -1:
+            raise ValueError(
+                f"WarmupCosine runs per training batch with {len(trainer.optimizers)} optimizers under manual "
+                f"optimization, but `max_steps={trainer.max_steps}` counts every optimizer's steps: pass "
+                "`WarmupCosine(total_steps=<number of training batches>)`, or use `max_epochs`."
+            )
         total = self._estimate_total(trainer)
         if self.planned_total is None:  # a fresh run: plan it
             self.base_lrs = [[float(g["lr"]) for g in opt.param_groups] for opt in trainer.optimizers]
@@ -168,7 +184,7 @@ class WarmupCosine(pl.Callback):
     def _apply(self, trainer: pl.Trainer) -> None:
         if self.base_lrs is None:
             return
-        factor = self.lr_factor(trainer.global_step)
+        factor = self.lr_factor(self.batches_done if self._per_batch else trainer.global_step)
         for opt, base in zip(trainer.optimizers, self.base_lrs):
             for group, lr in zip(opt.param_groups, base):
                 group["lr"] = lr * factor
@@ -178,15 +194,19 @@ class WarmupCosine(pl.Callback):
                            batch_idx: int) -> None:
         # The lr of the next step, set as soon as the counter moves (Lightning steps its own schedulers here too):
         # ready before any callback's batch-start hook reads it. ``on_train_start`` sets the first (or resumed) one.
+        if self._per_batch:
+            self.batches_done += 1
         self._apply(trainer)
 
     # ------------------------------------------------------------------ checkpoint
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"base_lrs": self.base_lrs, "planned_total": self.planned_total, "warmup_steps": self.warmup_steps}
+        return {"base_lrs": self.base_lrs, "planned_total": self.planned_total, "warmup_steps": self.warmup_steps,
+                "batches_done": self.batches_done}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.base_lrs = state_dict["base_lrs"]
         self.planned_total = state_dict["planned_total"]
         self.warmup_steps = state_dict["warmup_steps"]
+        self.batches_done = state_dict.get("batches_done", 0)
