@@ -18,6 +18,7 @@ and that never reached ``tricks_loss`` is an error (its targets would be left un
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch.nn.functional as F
@@ -30,6 +31,13 @@ if TYPE_CHECKING:
     from lightning_tricks.callbacks._base import TrickCallback
 
 __all__ = ["TricksMixin"]
+
+# Lightning warns whenever a module that overrides on_after_batch_transfer is fitted with a DataModule, to say that
+# the module's hook is used; for the mixin that is the intent (a DataModule that overrides it too is an error raised
+# by the trick callbacks, see TrickCallback.setup), so this one message is silenced.
+warnings.filterwarnings(
+    "ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a"
+)
 
 # Per stage of the default steps: the logged keys, and whether it is an evaluation stage (progress bar, synced).
 _STEP_KEYS = {"train": ("train_loss", "train_acc", False), "val": ("val_loss", "val_acc", True),
