@@ -13,8 +13,10 @@ def test_demo_fast_writes_table_plots_and_figures(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "lightning_tricks", "demo", "--fast", "--distill", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "final acc %" in proc.stdout and "baseline" in proc.stdout and "recipe" in proc.stdout
-    for name in ("lr.png", "loss.png", "grad_norms.png", "results.csv", "results.json"):
+    assert "test acc %" in proc.stdout and "baseline" in proc.stdout and "recipe" in proc.stdout
+    assert "Tip:" not in proc.stdout + proc.stderr and "GPU available" not in proc.stdout + proc.stderr
+    assert "━" not in proc.stdout  # no progress bars when the output is not a terminal
+    for name in ("accuracy.png", "lr.png", "loss.png", "grad_norms.png", "results.csv", "results.json"):
         assert (out / name).stat().st_size > 0
     results = json.loads((out / "results.json").read_text())
     assert {r["config"] for r in results} == {"baseline", "recipe", "distilled"}
@@ -26,4 +28,19 @@ def test_demo_fast_writes_table_plots_and_figures(tmp_path: Path) -> None:
     assert len(recipe["lr"]) == 10  # 2 epochs x 5 batches: one lr per optimizer step
     assert recipe["lr"][0] < recipe["lr"][1]  # warming up
     assert len(set(baseline["lr"])) == 1  # the baseline keeps its lr
-    assert all(0.0 <= r["final_test_acc"] <= 1.0 for r in results)
+    assert all(0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["best_val_acc"] <= 1.0 for r in results)
+    assert any(k.startswith("grad/norm/") for e in recipe["epochs"] for k in e)  # the grad-norm plot has data
+
+
+def test_demo_arguments_are_checked() -> None:
+    for argv, message in ((["--fast", "--epochs", "3"], "--fast runs 2 epochs of 5 batches: drop --epochs"),
+                          (["--batch-size", "0"], "--batch-size: must be an integer >= 1, got 0"),
+                          (["--epochs", "0"], "--epochs: must be an integer >= 1, got 0")):
+        proc = subprocess.run([sys.executable, "-m", "lightning_tricks", "demo", *argv], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    version = subprocess.run([sys.executable, "-m", "lightning_tricks", "--version"], capture_output=True, text=True)
+    assert version.stdout.startswith("lightning-tricks ")
+    helptext = subprocess.run([sys.executable, "-m", "lightning_tricks", "demo", "--help"], capture_output=True,
+                              text=True).stdout
+    assert "``" not in helptext and "--jobs" in helptext
