@@ -16,7 +16,8 @@ CASES = ("monitor", "monitor_nan", "early_stopping", "recipe", "schedule_and_mix
 
 
 def test_every_callback_under_fsdp2(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "tests" / "fsdp2_script.py"), str(tmp_path), *CASES],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     log = (done.stdout + done.stderr)[-6000:]
