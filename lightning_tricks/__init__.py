@@ -1,6 +1,7 @@
 """lightning-tricks: proven deep-learning training tricks as drop-in PyTorch Lightning callbacks."""
 
 from lightning_tricks.callbacks import (
+    EMA,
     Distillation,
     EarlyStopping,
     GradientMonitor,
@@ -14,6 +15,7 @@ from lightning_tricks.recipe import adamw, recipe
 
 __version__ = "0.1.0"
 __all__ = [
+    "EMA",
     "Distillation",
     "EarlyStopping",
     "GradientMonitor",

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_tricks.callbacks import (
+    EMA,
     EarlyStopping,
     GradientMonitor,
     LabelSmoothing,
@@ -31,6 +32,7 @@ def recipe(
     restore_best_weights: bool = True,
     start_from_epoch: int = 0,
     doctor: bool = True,
+    ema: float | None = None,
 ) -> list[pl.Callback]:
     """The callbacks of the guide's summary table, configured from a few arguments.
 
@@ -48,6 +50,7 @@ def recipe(
         restore_best_weights: end the fit on the best check's weights.
         start_from_epoch: early-stopping checks before this epoch do not count.
         doctor: add :class:`TrainingDoctor`.
+        ema: add :class:`EMA` with this decay (evaluated in place of the weights, kept at the end), or ``None``.
 
     Example (a plain module to the full recipe in two lines)::
 
@@ -73,6 +76,8 @@ def recipe(
                                        restore_best_weights=restore_best_weights, start_from_epoch=start_from_epoch))
     if doctor:
         callbacks.append(TrainingDoctor())
+    if ema is not None:
+        callbacks.append(EMA(decay=ema))
     return callbacks
 
 

@@ -1,15 +1,18 @@
 """Lightning callbacks, one file per trick, each a thin adaptor over :mod:`lightning_tricks.functional`."""
 
+from lightning_tricks.callbacks._averaging import WeightAverage
 from lightning_tricks.callbacks._base import TrickCallback
 from lightning_tricks.callbacks.distillation import Distillation
 from lightning_tricks.callbacks.doctor import Finding, TrainingDoctor
 from lightning_tricks.callbacks.early_stopping import EarlyStopping
+from lightning_tricks.callbacks.ema import EMA
 from lightning_tricks.callbacks.gradient_monitor import GradientMonitor, NonFiniteGradientError
 from lightning_tricks.callbacks.label_smoothing import LabelSmoothing
 from lightning_tricks.callbacks.mixup import Mixup
 from lightning_tricks.callbacks.warmup_cosine import WarmupCosine
 
 __all__ = [
+    "EMA",
     "Distillation",
     "EarlyStopping",
     "Finding",
@@ -20,4 +23,5 @@ __all__ = [
     "TrainingDoctor",
     "TrickCallback",
     "WarmupCosine",
+    "WeightAverage",
 ]

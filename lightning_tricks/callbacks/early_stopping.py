@@ -47,7 +47,8 @@ class EarlyStopping(EarlyStoppingChecks):
 
     Args:
         restore_best_weights: when training stops, and at the end of fit, copy the weights of the best check back
-            into the module. They are kept on the host (CPU copies, no second copy on the device), taken at the same
+            into the module (with :class:`EMA` or :class:`SWA` evaluating on their average, the averaged weights that
+            were evaluated). They are kept on the host (CPU copies, no second copy on the device), taken at the same
             checks on every rank (rank 0 decides), and saved in the callback's checkpoint state so a resumed run
             can still restore them (checkpoints grow by one copy of the weights). Under sharded training (FSDP2)
             each rank keeps its own shards (no gather) and restores them; those are not in the checkpoint (Lightning
@@ -137,10 +138,22 @@ class EarlyStopping(EarlyStoppingChecks):
         if improved:
             self.best_epoch = trainer.current_epoch
             if self.restore_best_weights:
-                state = trainer.lightning_module.state_dict()
-                self.best_weights = {k: local(v).detach().to("cpu", copy=True) for k, v in state.items()}
+                self.best_weights = {k: local(v).detach().to("cpu", copy=True)
+                                     for k, v in self._evaluated_state(trainer).items()}
         if trainer.should_stop and not was_stopping and self.stopped_epoch == trainer.current_epoch:
             self._on_stop(trainer)
+
+    @staticmethod
+    def _evaluated_state(trainer: pl.Trainer) -> dict[str, Tensor]:
+        """The weights the monitored metric was measured on: the average of an :class:`EMA`/:class:`SWA` that
+        evaluates on it, else the module's own."""
+        from lightning_tricks.callbacks._averaging import WeightAverage
+
+        module = trainer.lightning_module
+        for cb in trainer.callbacks:
+            if isinstance(cb, WeightAverage) and cb.evaluate_with_average and cb._ready(module):
+                return cb.averaged_state_dict()
+        return module.state_dict()
 
     @override
     def evaluate_criteria(self, current: Tensor) -> tuple[bool, str | None]:

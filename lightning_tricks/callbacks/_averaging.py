@@ -1,0 +1,153 @@
+"""What EMA and SWA share: averaged copies of a module's weights, swapped in for evaluation, kept in checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_tricks._sharding import is_sharded, local
+
+
+class WeightAverage(pl.Callback):
+    """Base class of :class:`EMA` and :class:`SWA`: float32 averages of every floating tensor of
+    ``module.state_dict()`` (parameters and floating buffers such as BatchNorm statistics; integer buffers are copied),
+    on the module's device, without a copy of the module (no ``deepcopy``: it works on sharded modules, each rank
+    averaging its own shards).
+
+    Args:
+        evaluate_with_average: validation and test run on the averaged weights (swapped in at the start of each
+            evaluation and out at its end), so logged metrics, ``ModelCheckpoint`` and ``EarlyStopping`` see the
+            average; the optimizer keeps training the raw weights.
+        keep_average_at_end: at the end of fit, leave the averaged weights in the module (as Lightning's
+            ``WeightAveraging`` does). Skipped when :class:`EarlyStopping` restored its best weights.
+    """
+
+    def __init__(self, evaluate_with_average: bool = True, keep_average_at_end: bool = True) -> None:
+        self.evaluate_with_average = evaluate_with_average
+        self.keep_average_at_end = keep_average_at_end
+        #: Updates made so far (0: no average yet).
+        self.updates = 0
+        self._names: list[str] | None = None
+        self._targets: list[Tensor] = []  # the module's tensors (local shards), in state_dict order
+        self._averages: list[Tensor | None] = []  # float32 averages of the floating ones, None for integer ones
+        self._backup: list[Tensor] | None = None
+        self._loaded: dict[str, Tensor] | None = None
+        self._sharded = False
+
+    # ------------------------------------------------------------------ the module's tensors
+    def _collect(self, pl_module: pl.LightningModule) -> None:
+        """Find the module's tensors (once per fit, at first use: lazy modules are shaped by then)."""
+        state = pl_module.state_dict()
+        self._names = list(state)
+        self._targets = [local(v.detach()) for v in state.values()]
+        self._sharded = is_sharded(list(state.values()))
+        if self._loaded is not None:  # a checkpoint's averages, waiting for the module's tensors
+            self._averages = [self._loaded[k].to(t.device, torch.float32) if t.is_floating_point() else None
+                              for k, t in zip(self._names, self._targets)]
+            self._loaded = None
+        elif len(self._averages) != len(self._targets):
+            self._averages = [torch.empty_like(t, dtype=torch.float32) if t.is_floating_point() else None
+                              for t in self._targets]
+
+    def _pairs(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The (average, module tensor) lists of the floating tensors."""
+        pairs = [(a, t) for a, t in zip(self._averages, self._targets) if a is not None]
+        return [a for a, _ in pairs], [t for _, t in pairs]
+
+    def _copy_in(self) -> None:
+        """First update: the averages start as the module's weights; integer buffers are copied at every update."""
+        with torch.no_grad():
+            for a, t in zip(self._averages, self._targets):
+                if a is not None:
+                    a.copy_(t)
+
+    @property
+    def has_average(self) -> bool:
+        """Whether an average exists (after the first update, or loaded from a checkpoint)."""
+        return self.updates > 0
+
+    def _ready(self, pl_module: pl.LightningModule) -> bool:
+        """Collect the module's tensors if needed; whether there is an average to use."""
+        if self.has_average and self._names is None:
+            self._collect(pl_module)
+        return self.has_average
+    def averaged_state_dict(self) -> dict[str, Tensor]:
+        """The averaged weights with the keys of ``module.state_dict()`` (each rank's shards under sharding),
+        in the module's dtypes; integer buffers as the module has them."""
+        if not self.has_average or self._names is None:
+            raise RuntimeError(f"{type(self).__name__} has no average yet: it starts after the first update.")
+        return {k: (a.to(t.dtype) if a is not None else t.clone())
+                for k, a, t in zip(self._names, self._averages, self._targets)}
+
+    def _load_into_module(self, values: list[Tensor]) -> None:
+        with torch.no_grad():
+            for t, v in zip(self._targets, values):
+                t.copy_(v)
+
+    # ------------------------------------------------------------------ evaluation on the average
+    def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.evaluate_with_average or self._backup is not None or not self._ready(pl_module):
+            return
+        self._backup = [t.clone() for t in self._targets]
+        self._load_into_module([a.to(t.dtype) if a is not None else t for a, t in zip(self._averages, self._targets)])
+
+    def _swap_out(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._backup is not None:
+            self._load_into_module(self._backup)
+            self._backup = None
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(trainer, pl_module)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_in(trainer, pl_module)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._swap_out(trainer, pl_module)
+
+    # ------------------------------------------------------------------ fit boundaries
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.updates, self._names, self._targets, self._averages, self._backup = 0, None, [], [], None
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.keep_average_at_end or not self._ready(pl_module):
+            return
+        from lightning_tricks.callbacks.early_stopping import EarlyStopping
+
+        if any(isinstance(cb, EarlyStopping) and cb.restore_best_weights and cb.best_weights is not None
+               for cb in trainer.callbacks):
+            return  # EarlyStopping restores the best check's weights (the averaged ones, when they were evaluated)
+        self._load_into_module([a.to(t.dtype) if a is not None else t for a, t in zip(self._averages, self._targets)])
+        rank_zero_info(f"{type(self).__name__}: the module now holds the averaged weights ({self.updates} updates).")
+
+    # ------------------------------------------------------------------ checkpoint
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"updates": self.updates}
+        if self.has_average and not self._sharded:  # a rank's shards are not the weights: left out when sharded
+            assert self._names is not None
+            state["average"] = {k: a.detach().cpu() for k, a in zip(self._names, self._averages) if a is not None}
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.updates = state_dict.get("updates", 0)
+        self._loaded = state_dict.get("average")
+        self._names = None
+        if self.updates and self._loaded is None:
+            self.updates = 0  # written under sharding: start the average again
