@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks import (
+    EMA,
     Distillation,
     EarlyStopping,
     GradientMonitor,
@@ -209,6 +210,29 @@ def case_distillation(out: Path) -> None:
     t.fit(ShardedNet(), data())
     assert not isinstance(teacher[1].weight, DTensor)  # the teacher is a full copy on every rank
     assert {"distill/soft", "distill/hard"} <= set(t.callback_metrics)
+
+
+class LocalShards(pl.Callback):
+    """Each rank's local shards after every optimizer step (before EMA's hook: put it first)."""
+
+    def __init__(self) -> None:
+        self.after_step: list[list[torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.after_step.append([p.to_local().detach().clone().double() for p in pl_module.parameters()])
+
+
+def case_ema(out: Path) -> None:
+    shards, ema = LocalShards(), EMA(decay=0.8, warmup=False)
+    model = ShardedNet()
+    t = trainer(out, max_steps=6, callbacks=[shards, ema])
+    t.fit(model, data())
+    want = [s.clone() for s in shards.after_step[0]]
+    for step in shards.after_step[1:]:
+        want = [0.8 * w + 0.2 * s for w, s in zip(want, step)]
+    now = [p.to_local().double() for p in model.parameters()]  # the average is left in the module at the end
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(now, want))
+    assert isinstance(next(iter(model.parameters())), DTensor)
 
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
