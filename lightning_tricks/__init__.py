@@ -2,6 +2,7 @@
 
 from lightning_tricks.callbacks import (
     EMA,
+    SWA,
     Distillation,
     EarlyStopping,
     GradientMonitor,
@@ -16,6 +17,7 @@ from lightning_tricks.recipe import adamw, recipe
 __version__ = "0.1.0"
 __all__ = [
     "EMA",
+    "SWA",
     "Distillation",
     "EarlyStopping",
     "GradientMonitor",

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks import (
     EMA,
+    SWA,
     Distillation,
     EarlyStopping,
     GradientMonitor,
@@ -233,6 +234,23 @@ def case_ema(out: Path) -> None:
     now = [p.to_local().double() for p in model.parameters()]  # the average is left in the module at the end
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(now, want))
     assert isinstance(next(iter(model.parameters())), DTensor)
+
+
+class EpochEndShards(pl.Callback):
+    def __init__(self) -> None:
+        self.ends: list[list[torch.Tensor]] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.ends.append([p.to_local().detach().clone().double() for p in pl_module.parameters()])
+
+
+def case_swa(out: Path) -> None:
+    ends, swa = EpochEndShards(), SWA(start=1)
+    model = ShardedNet()
+    trainer(out, max_epochs=4, callbacks=[ends, swa]).fit(model, data(64))
+    want = [torch.stack(parts).mean(0) for parts in zip(*ends.ends[1:])]
+    now = [p.to_local().double() for p in model.parameters()]
+    assert swa.updates == 3 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(now, want))
 
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}

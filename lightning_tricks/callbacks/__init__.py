@@ -9,10 +9,12 @@ from lightning_tricks.callbacks.ema import EMA
 from lightning_tricks.callbacks.gradient_monitor import GradientMonitor, NonFiniteGradientError
 from lightning_tricks.callbacks.label_smoothing import LabelSmoothing
 from lightning_tricks.callbacks.mixup import Mixup
+from lightning_tricks.callbacks.swa import SWA
 from lightning_tricks.callbacks.warmup_cosine import WarmupCosine
 
 __all__ = [
     "EMA",
+    "SWA",
     "Distillation",
     "EarlyStopping",
     "Finding",
