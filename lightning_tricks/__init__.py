@@ -11,6 +11,7 @@ from lightning_tricks.callbacks import (
     TrainingDoctor,
     WarmupCosine,
 )
+from lightning_tricks.ensemble import Ensemble
 from lightning_tricks.mixin import TricksMixin
 from lightning_tricks.recipe import adamw, recipe
 
@@ -20,6 +21,7 @@ __all__ = [
     "SWA",
     "Distillation",
     "EarlyStopping",
+    "Ensemble",
     "GradientMonitor",
     "LabelSmoothing",
     "Mixup",

@@ -1,6 +1,13 @@
 """The math of each trick as plain PyTorch functions: no Lightning import, no hidden state."""
 
+from lightning_tricks.functional.averaging import decay_from_half_life, ema_decay, ema_update_, swa_update_
 from lightning_tricks.functional.distillation import distillation_loss, soft_distillation_loss
+from lightning_tricks.functional.ensembles import (
+    combine,
+    expected_calibration_error,
+    fit_convex_weights,
+    majority_vote,
+)
 from lightning_tricks.functional.mixing import (
     box_lambda,
     box_mask,
@@ -26,10 +33,17 @@ from lightning_tricks.functional.targets import (
 __all__ = [
     "box_lambda",
     "box_mask",
+    "combine",
     "constant_with_warmup",
     "cutmix",
+    "decay_from_half_life",
     "distillation_loss",
+    "ema_decay",
+    "ema_update_",
+    "expected_calibration_error",
+    "fit_convex_weights",
     "linear_decay",
+    "majority_vote",
     "mix_pair",
     "mixup",
     "sample_box",
@@ -38,6 +52,7 @@ __all__ = [
     "soft_cross_entropy",
     "soft_distillation_loss",
     "step_decay",
+    "swa_update_",
     "to_soft_targets",
     "warmup_cosine",
     "warmup_factor",
