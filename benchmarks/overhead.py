@@ -11,7 +11,7 @@ Configurations (each a fresh Trainer, run interleaved over repeats so that machi
 * ``timm_mixup``: ``timm.data.Mixup(mixup_alpha=0.2, label_smoothing=0.1)`` + ``SoftTargetCrossEntropy`` in the
   training step (the usual way to use it);
 * ``all``: WarmupCosine + LabelSmoothing + Mixup + GradientMonitor + EarlyStopping + TrainingDoctor together;
-* on request, one callback each: ``schedule``, ``smoothing``, ``mixup_only``, ``early_stopping``, ``doctor``;
+* on request, one callback each: ``schedule``, ``smoothing``, ``mixup_only``, ``early_stopping``, ``doctor``, ``ema``;
   and ``mixin``: the TricksMixin's seam and default steps with no callback.
 
 CPU: step time = time between consecutive ``on_train_batch_end`` calls (so data transfer and the batch seam are
@@ -62,6 +62,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_tricks import (
+    EMA,
     EarlyStopping,
     GradientMonitor,
     LabelSmoothing,
@@ -83,6 +84,7 @@ SINGLE = {
     "mixup_only": lambda: [Mixup(alpha=0.2)],
     "early_stopping": lambda: [EarlyStopping("train_loss_epoch", strict=False)],
     "doctor": lambda: [TrainingDoctor()],
+    "ema": lambda: [EMA(decay=0.999)],
     "mixin": lambda: [],  # TricksMixin's seam and default steps with no callback: the mixin's own cost
 }
 

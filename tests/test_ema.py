@@ -202,3 +202,19 @@ def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
 def test_a_start_after_the_run_is_refused() -> None:
     with pytest.raises(ValueError, match=r"EMA\(start_step=100\) starts after the end of the run \(8 optimizer steps"):
         quiet_trainer(max_steps=8, callbacks=[EMA(start_step=100)]).fit(TinyNet(), loader())
+
+
+def test_with_distillation() -> None:
+    from lightning_tricks import Distillation
+
+    torch.manual_seed(3)
+    teacher = TinyNet()
+    ema, weights = EMA(decay=0.9, warmup=False, keep_ema_at_end=False), Weights()
+    trainer = quiet_trainer(max_steps=6, callbacks=[weights, Distillation(teacher), Mixup(0.2), ema])
+    trainer.fit(TinyNet(), loader(64, 8))
+    assert ema.updates == 6 and "distill/soft" in trainer.callback_metrics
+    want = weights.after_step[0]
+    for step in weights.after_step[1:]:
+        want = {k: 0.9 * want[k] + 0.1 * step[k] for k in want}
+    for key, value in ema.averaged_state_dict().items():
+        torch.testing.assert_close(value, want[key], atol=1e-6, rtol=0)

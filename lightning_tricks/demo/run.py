@@ -53,7 +53,7 @@ class Recorder(pl.Callback):
         self.epochs.append(row)
 
 
-def recipe_callbacks(min_lr_ratio: float = 0.1) -> list[pl.Callback]:
+def recipe_callbacks(min_lr_ratio: float = 0.1, ema: float | None = None) -> list[pl.Callback]:
     """The guide's recipe with a cosine floor: warmup 0.1 + cosine down to 0.1 of the peak lr, label smoothing 0.1,
     mixup 0.2, gradient monitoring (per-layer norms, stop on non-finite gradients), early stopping and the doctor.
 
@@ -66,7 +66,7 @@ def recipe_callbacks(min_lr_ratio: float = 0.1) -> list[pl.Callback]:
     of the best validation check (``restore_best_weights``); the test set is read once, after that.
     """
     return recipe(warmup=0.1, min_lr_ratio=min_lr_ratio, label_smoothing=0.1, mixup=0.2, early_stopping="val_acc",
-                  patience=40, start_from_epoch=10, restore_best_weights=True)
+                  patience=40, start_from_epoch=10, restore_best_weights=True, ema=ema)
 
 
 def _quiet() -> None:
@@ -89,7 +89,8 @@ def train_one(config: str, seed: int, args: argparse.Namespace, data: Data, teac
     train, val, test = data
     model = Classifier(ConvBase(channels=channels), lr=args.lr, weight_decay=args.weight_decay)
     recorder = Recorder()
-    callbacks: list[pl.Callback] = [recorder] + (recipe_callbacks(min_lr_ratio) if config != "baseline" else [])
+    ema = args.ema if config != "baseline" and channels == 25 else None
+    callbacks: list[pl.Callback] = [recorder] + (recipe_callbacks(min_lr_ratio, ema) if config != "baseline" else [])
     if config == "distilled":
         callbacks.append(Distillation(teacher, temperature=args.temperature, alpha=args.alpha))
     trainer = pl.Trainer(
@@ -280,6 +281,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also train a wide teacher (ConvBase, 128 channels) and distil it into the student")
     parser.add_argument("--temperature", type=_positive_float, default=3.0, help="distillation temperature (default 3)")
     parser.add_argument("--alpha", type=_fraction, default=0.7, help="weight of the distillation term (default 0.7)")
+    parser.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                        help="add EMA with this decay to the recipe (evaluated and kept; e.g. 0.999)")
     parser.add_argument("--jobs", type=_positive_int, default=2,
                         help="runs trained at once, one process each (default 2: one per core of a 2-core machine)")
     parser.add_argument("--threads", type=_positive_int, default=1,
@@ -292,6 +295,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--fast runs 2 epochs of 5 batches: drop --epochs, or drop --fast")
     if args.weight_decay < 0:
         parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.ema is not None and not 0.0 <= args.ema < 1.0:
+        parser.error(f"--ema must be a decay in [0, 1), got {args.ema}")
     if args.fast:
         args.epochs, args.seeds, args.jobs = 2, args.seeds[:1], 1
     elif args.epochs is None:
