@@ -4,6 +4,8 @@ metrics landing in Lightning's CSV and TensorBoard loggers."""
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,10 +50,24 @@ def test_lightning_cli_runs_the_recipe_from_yaml(tmp_path: Path) -> None:
     kinds = {type(cb) for cb in cli.trainer.callbacks}
     assert {WarmupCosine, LabelSmoothing, Mixup, GradientMonitor, EarlyStopping, TrainingDoctor} <= kinds
     assert cli.trainer.global_step == 6
+    assert Path(cli.trainer.logger.log_dir) == tmp_path / "lightning_logs" / "version_0"  # not lightning_logs twice
+    stopper = next(cb for cb in cli.trainer.callbacks if isinstance(cb, EarlyStopping))
+    assert stopper.mode == "max"  # inferred from val_acc
     metrics = Path(cli.trainer.logger.log_dir) / "metrics.csv"
     with open(metrics) as f:
         columns = set(next(csv.reader(f)))
     assert {"grad/norm", "train_loss_step"} <= columns  # the monitor's keys reach the CSV logger
+
+
+def test_the_readme_cli_example_as_a_user_runs_it(tmp_path: Path) -> None:
+    """From a fresh folder: logs in ./lightning_logs/version_0, and no notice about the mixin's on_after_batch_transfer
+    beside the DataModule."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(EXAMPLE / "train.py"), "fit", "--config", str(EXAMPLE / "recipe.yaml"),
+                           *QUICK], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").exists()
+    assert "on_after_batch_transfer" not in done.stderr + done.stdout
 
 
 def test_distillation_teacher_from_yaml(tmp_path: Path) -> None:
