@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -59,12 +60,19 @@ class WeightAverage(pl.Callback):
         pairs = [(a, t) for a, t in zip(self._averages, self._targets) if a is not None]
         return [a for a, _ in pairs], [t for _, t in pairs]
 
-    def _copy_in(self) -> None:
-        """First update: the averages start as the module's weights; integer buffers are copied at every update."""
-        with torch.no_grad():
-            for a, t in zip(self._averages, self._targets):
-                if a is not None:
-                    a.copy_(t)
+    def _average_in(self, pl_module: pl.LightningModule, update: Callable[[list[Tensor], list[Tensor], int], None]
+                    ) -> None:
+        """One more update: the first copies the module's weights, the next ones call ``update(averages, values, n)``
+        with ``n`` the update's number (integer buffers are read from the module whenever the average is used)."""
+        if self._names is None:
+            self._collect(pl_module)
+        self.updates += 1
+        averages, values = self._pairs()
+        if self.updates == 1:
+            with torch.no_grad():
+                torch._foreach_copy_(averages, values)
+        else:
+            update(averages, values, self.updates)
 
     @property
     def has_average(self) -> bool:

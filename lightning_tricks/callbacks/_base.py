@@ -61,6 +61,7 @@ class TrickCallback(pl.Callback):
                 f"use it: declare `class {type(pl_module).__name__}(TricksMixin, L.LightningModule)` and compute the "
                 "loss with `self.tricks_loss(logits, y)` (or keep the mixin's default training_step)."
             )
+        pl_module.__dict__.pop("_tricks_rows_checked", None)  # float targets' rows are checked once per fit
         datamodule = trainer.datamodule
         if datamodule is not None and is_overridden("on_after_batch_transfer", datamodule, LightningDataModule):
             # Lightning calls the DataModule's hook *instead of* the module's (it only warns), which would

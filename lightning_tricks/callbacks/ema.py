@@ -101,11 +101,5 @@ class EMA(WeightAverage):
 
     def update(self, pl_module: pl.LightningModule) -> None:
         """One EMA update from the module's current weights."""
-        if self._names is None:
-            self._collect(pl_module)
-        self.updates += 1
-        if self.updates == 1:
-            self._copy_in()
-        else:
-            averages, values = self._pairs()
-            ema_update_(averages, values, ema_decay(self.updates, self.decay, self.warmup))
+        self._average_in(pl_module, lambda averages, values, n: ema_update_(averages, values,
+                                                                              ema_decay(n, self.decay, self.warmup)))

@@ -117,14 +117,7 @@ class SWA(WeightAverage):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.start_epoch is None or trainer.current_epoch < self.start_epoch:
             return
-        if self._names is None:
-            self._collect(pl_module)
-        self.updates += 1
-        if self.updates == 1:
-            self._copy_in()
-        else:
-            averages, values = self._pairs()
-            swa_update_(averages, values, self.updates)
+        self._average_in(pl_module, swa_update_)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

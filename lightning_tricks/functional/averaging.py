@@ -45,22 +45,22 @@ def ema_decay(update: int, decay: float, warmup: bool = True, power: float = 2 /
     return min(decay, 1.0 - (1.0 + (update - 1)) ** -power)
 
 
-def ema_update_(averages: Sequence[Tensor], values: Sequence[Tensor], decay: float) -> None:
-    """``avg = decay * avg + (1 - decay) * value`` in place, fused (one ``_foreach_lerp_``); values are cast to the
-    averages' dtype (float32 averages of low-precision weights keep every update)."""
+def _lerp_(averages: Sequence[Tensor], values: Sequence[Tensor], weight: float) -> None:
+    """``avg += weight * (value - avg)`` in place, fused (one ``_foreach_lerp_``); values are cast to the averages'
+    dtype (float32 averages of low-precision weights keep every update)."""
     if not averages:
         return
-    same = all(v.dtype == a.dtype for a, v in zip(averages, values))
+    if any(v.dtype != a.dtype for a, v in zip(averages, values)):
+        values = [v.to(a.dtype) for a, v in zip(averages, values)]
     with torch.no_grad():
-        torch._foreach_lerp_(list(averages), list(values) if same else [v.to(a.dtype) for a, v in
-                                                                             zip(averages, values)], 1.0 - decay)
+        torch._foreach_lerp_(list(averages), list(values), weight)
+
+
+def ema_update_(averages: Sequence[Tensor], values: Sequence[Tensor], decay: float) -> None:
+    """``avg = decay * avg + (1 - decay) * value`` in place, fused."""
+    _lerp_(averages, values, 1.0 - decay)
 
 
 def swa_update_(averages: Sequence[Tensor], values: Sequence[Tensor], count: int) -> None:
-    """The equal-weight running mean after ``count`` values (``count`` >= 1 includes this one), in place."""
-    if not averages:
-        return
-    same = all(v.dtype == a.dtype for a, v in zip(averages, values))
-    with torch.no_grad():
-        torch._foreach_lerp_(list(averages), list(values) if same else [v.to(a.dtype) for a, v in
-                                                                             zip(averages, values)], 1.0 / count)
+    """The equal-weight running mean after ``count`` values (``count`` >= 1 includes this one), in place, fused."""
+    _lerp_(averages, values, 1.0 / count)
