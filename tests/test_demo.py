@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_demo_fast_writes_table_plots_and_figures(tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -32,15 +34,20 @@ def test_demo_fast_writes_table_plots_and_figures(tmp_path: Path) -> None:
     assert any(k.startswith("grad/norm/") for e in recipe["epochs"] for k in e)  # the grad-norm plot has data
 
 
-def test_demo_arguments_are_checked() -> None:
+def test_demo_arguments_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_tricks.cli import main
+
     for argv, message in ((["--fast", "--epochs", "3"], "--fast runs 2 epochs of 5 batches: drop --epochs"),
                           (["--batch-size", "0"], "--batch-size: must be an integer >= 1, got 0"),
-                          (["--epochs", "0"], "--epochs: must be an integer >= 1, got 0")):
-        proc = subprocess.run([sys.executable, "-m", "lightning_tricks", "demo", *argv], capture_output=True,
-                              text=True, timeout=60)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-    version = subprocess.run([sys.executable, "-m", "lightning_tricks", "--version"], capture_output=True, text=True)
-    assert version.stdout.startswith("lightning-tricks ")
-    helptext = subprocess.run([sys.executable, "-m", "lightning_tricks", "demo", "--help"], capture_output=True,
-                              text=True).stdout
+                          (["--epochs", "0"], "--epochs: must be an integer >= 1, got 0"),
+                          (["--ema", "1.5"], "--ema must be a decay in [0, 1), got 1.5")):
+        with pytest.raises(SystemExit) as stop:
+            main(["demo", *argv])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("lightning-tricks ")
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    helptext = capsys.readouterr().out
     assert "``" not in helptext and "--jobs" in helptext
