@@ -119,3 +119,27 @@ def test_bad_input_is_named() -> None:
         quiet_trainer().test(Ensemble([TinyNet(), Wide()]), loader(16, 8), verbose=False)
     with pytest.raises(RuntimeError, match=r"method='weighted'\) has no weights yet: call `fit_weights\(val_loader\)`"):
         quiet_trainer().test(Ensemble([TinyNet(), TinyNet()], method="weighted"), loader(16, 8), verbose=False)
+
+
+def test_a_snapshot_ensemble_from_one_run(tmp_path: Any) -> None:
+    """docs/ensembles.md's recipe: checkpoints written during one run plus the module holding an EMA average."""
+    import copy
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_tricks import EMA
+
+    ema = EMA(decay=0.9, keep_ema_at_end=False)
+    snapshots = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+    model = TinyNet()
+    quiet_trainer(max_epochs=3, enable_checkpointing=True, callbacks=[ema, snapshots]).fit(model, loader(64, 8))
+    averaged = copy.deepcopy(model)
+    averaged.load_state_dict(ema.averaged_state_dict())
+    paths = [str(tmp_path / f"epoch={e}.ckpt") for e in (1, 2)]
+    ensemble = Ensemble([averaged, *paths], member_class=TinyNet)
+    result = quiet_trainer().test(ensemble, loader(64, 16, seed=9), verbose=False)[0]
+    x, y = loader(64, 64, seed=9).dataset.tensors
+    members = [averaged.eval()] + [TinyNet.load_from_checkpoint(p).eval() for p in paths]
+    with torch.no_grad():
+        probs = torch.stack([F.softmax(m(x), -1) for m in members]).mean(0)
+    assert result["test_acc"] == pytest.approx(float((probs.argmax(-1) == y).float().mean()), abs=1e-6)
