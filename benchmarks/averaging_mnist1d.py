@@ -14,7 +14,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import time
@@ -31,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from benchmarks._results import write_block
 from lightning_tricks import EMA, SWA, WarmupCosine
 from lightning_tricks.demo.data import mnist1d_splits
 from lightning_tricks.demo.model import Classifier, ConvBase
 from lightning_tricks.demo.run import recipe_callbacks
 from lightning_tricks.functional import combine, expected_calibration_error, fit_convex_weights, majority_vote
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
 def _without_schedule() -> list[pl.Callback]:
     return [cb for cb in recipe_callbacks() if not isinstance(cb, WarmupCosine)]
 
@@ -137,15 +136,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        results = DOCS / "results.md"
-        text = results.read_text()
-        start_mark, end_mark = "<!-- averaging -->", "<!-- /averaging -->"
-        block = f"{start_mark}\n{table}\n{end_mark}"
-        if start_mark in text:
-            text = re.sub(re.escape(start_mark) + r".*?" + re.escape(end_mark), lambda _: block, text, flags=re.S)
-        else:
-            text += f"\n## Weight averaging and ensembles: MNIST-1D\n\n{block}\n"
-        results.write_text(text)
+        results = write_block("averaging", table, "Weight averaging and ensembles: MNIST-1D")
         print(f"wrote {results}")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks._results import write_block
 from lightning_tricks import LabelSmoothing, Mixup, WarmupCosine
 from lightning_tricks.demo.data import digits, mnist1d_splits
 from lightning_tricks.demo.model import Classifier, ConvBase
@@ -151,15 +151,9 @@ def main() -> None:
     if not args.no_write:
         png = DOCS / "img" / f"ablation_{args.dataset}.png"
         fig.savefig(png, dpi=110)
-        results = DOCS / "results.md"
-        text = results.read_text()
-        start_mark, end_mark = f"<!-- ablation:{args.dataset} -->", f"<!-- /ablation:{args.dataset} -->"
-        block = f"{start_mark}\n{table}\n\n![ablation {args.dataset}](img/ablation_{args.dataset}.png)\n{end_mark}"
-        if start_mark in text:
-            text = re.sub(re.escape(start_mark) + r".*?" + re.escape(end_mark), lambda _: block, text, flags=re.S)
-        else:
-            text += f"\n## Ablation: {args.dataset}\n\n{block}\n"
-        results.write_text(text)
+        results = write_block(f"ablation:{args.dataset}",
+                              f"{table}\n\n![ablation {args.dataset}](img/ablation_{args.dataset}.png)",
+                              f"Ablation: {args.dataset}")
         print(f"wrote {results} and {png}")
 
 

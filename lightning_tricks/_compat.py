@@ -28,6 +28,17 @@ def loss_scale(scaler: Any) -> Tensor:
     return scaler._scale
 
 
+def attached_trainer(module: pl.LightningModule) -> pl.Trainer | None:
+    """The Trainer a module is attached to, or ``None`` (the public ``module.trainer`` raises when there is none)."""
+    return module.__dict__.get("_trainer")
+
+
+def unscales_itself(optimizer: Any) -> bool:
+    """Whether an optimizer unscales its gradients inside ``step()`` under a ``GradScaler`` (fused AdamW): torch's
+    ``_step_supports_amp_scaling`` flag, which makes Lightning skip ``scaler.unscale_``."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
 class EarlyStoppingChecks(_LightningEarlyStopping):
     """Lightning's ``EarlyStopping`` with its two private check methods named once, as extension points.
 

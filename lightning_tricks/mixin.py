@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor
 
+from lightning_tricks._compat import attached_trainer
 from lightning_tricks.functional.targets import soft_cross_entropy, to_soft_targets
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class TricksMixin:
         """The trick callbacks of ``trainer.callbacks`` in seam order, while fitting a training batch; else ``[]``."""
         from lightning_tricks.callbacks._base import TrickCallback
 
-        trainer = getattr(self, "_trainer", None)  # the `trainer` property raises when the module is not attached
+        trainer = attached_trainer(self)  # type: ignore[arg-type]
         # `trainer.training and not trainer.sanity_checking`, by identity (those properties compare strings through
         # Lightning's enum __eq__, twice per step here): the training stage is never the sanity check.
         if trainer is None or trainer.state.stage is not RunningStage.TRAINING:

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
 from lightning.pytorch.plugins import MixedPrecision
 
-from lightning_tricks._compat import EarlyStoppingChecks, logger_step, loss_scale
+from lightning_tricks._compat import EarlyStoppingChecks, attached_trainer, logger_step, loss_scale, unscales_itself
 from tests.conftest import TinyNet, loader, quiet_trainer
 
 
@@ -56,3 +56,13 @@ def test_early_stopping_check_methods_exist_and_run() -> None:
 
     quiet_trainer(max_epochs=3, callbacks=[Counting("val_loss", patience=10)]).fit(TinyNet(), loader(), loader(16))
     assert calls == ["check", "evaluate"] * 3
+
+
+def test_attached_trainer_and_self_unscaling_optimizers() -> None:
+    model = TinyNet()
+    assert attached_trainer(model) is None
+    trainer = quiet_trainer(max_steps=1)
+    trainer.fit(model, loader())
+    assert attached_trainer(model) is trainer is model.trainer
+    fused = torch.optim.AdamW(model.parameters(), fused=True)
+    assert unscales_itself(fused) and not unscales_itself(torch.optim.AdamW(model.parameters()))

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_tricks._compat import logger_step, loss_scale
+from lightning_tricks._compat import logger_step, loss_scale, unscales_itself
 from lightning_tricks._sharding import ShardSum, is_sharded, local
 from lightning_tricks.functional._checks import check_choice, check_number
 from lightning_tricks.functional.gradients import GradientLayout
@@ -144,7 +144,7 @@ class GradientMonitor(pl.Callback):
         self.stopped_step = self.stop_message = self.checkpoint_path = None
         self._lr_of_group = self._lr_locations(trainer)
         # Optimizers that unscale inside step() (fused AdamW under 16-mixed) get scaled gradients here.
-        self._self_unscaling = any(getattr(o, "_step_supports_amp_scaling", False) for o in trainer.optimizers)
+        self._self_unscaling = any(unscales_itself(o) for o in trainer.optimizers)
 
     def _lr_locations(self, trainer: pl.Trainer) -> list[tuple[int, int]]:
         """For each monitor group, the (optimizer, param group) of its first parameter: where its lr lives."""
