@@ -37,6 +37,7 @@ from lightning_tricks.demo.model import Classifier, ConvBase
 from lightning_tricks.demo.run import recipe_callbacks
 from lightning_tricks.functional import combine, expected_calibration_error, fit_convex_weights, majority_vote
 
+
 def _without_schedule() -> list[pl.Callback]:
     return [cb for cb in recipe_callbacks() if not isinstance(cb, WarmupCosine)]
 
