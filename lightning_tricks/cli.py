@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lightning_tricks import __version__
 
@@ -21,10 +22,42 @@ def main(argv: list[str] | None = None) -> int:
                     "validate on a split held out of the training set and report the test set once at the end. "
                     "About 3 minutes on 2 CPU cores.")
     run.add_arguments(demo)
-    args = parser.parse_args(argv)
+    search = sub.add_parser(
+        "tune", help="search hyper-parameters with Optuna over LightningCLI keys",
+        description="Search hyper-parameters with Optuna: each trial fits --model/--data from the --config files "
+                    "plus the trial's values of the --space keys. Other --trainer.*, --model.* and --data.* arguments "
+                    "go to LightningCLI as they are. Needs the [tune] extra.")
+    search.add_argument("--model", required=True, help="the LightningModule class, as a dotted path")
+    search.add_argument("--data", default=None, help="the LightningDataModule class, as a dotted path")
+    search.add_argument("--config", action="append", default=[], help="a base LightningCLI config (repeatable)")
+    search.add_argument("--space", default="guide", help="a YAML search space, or 'guide' (the default)")
+    search.add_argument("--trials", type=int, default=20, help="trials this process runs (default 20)")
+    search.add_argument("--monitor", default="val_acc", help="the validation metric (default val_acc)")
+    search.add_argument("--mode", choices=("min", "max"), default=None, help="default: from the metric's name")
+    search.add_argument("--sampler", choices=("tpe", "random", "grid"), default="tpe")
+    search.add_argument("--no-prune", action="store_true", help="run every trial to the end")
+    search.add_argument("--storage", default=None,
+                        help="an RDB URL (sqlite:///study.db) or a journal file (journal:/shared/study.log) that "
+                             "several workers share; default in memory")
+    search.add_argument("--study-name", default="lightning-tricks")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--out", type=Path, default=Path("tune_out"), help="output folder (default ./tune_out)")
+    args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
+        if rest:
+            demo.error(f"unrecognized arguments: {' '.join(rest)}")
         run.check_arguments(demo, args)
         run.main(args)
+    elif args.command == "tune":
+        from lightning_tricks.tuning.search import tune
+
+        study = tune(args.model, args.data, space=args.space, config=args.config, args=rest, n_trials=args.trials,
+                     monitor=args.monitor, mode=args.mode, sampler=args.sampler, prune=not args.no_prune,
+                     storage=args.storage, study_name=args.study_name, seed=args.seed, out=args.out)
+        done = [t for t in study.trials if t.value is not None]
+        if done:
+            print(f"best trial {study.best_trial.number}: {args.monitor} = {study.best_value:.4g} with "
+                  f"{study.best_params}; {len(study.trials)} trials in the study; wrote {args.out}/best.yaml")
     return 0
 
 

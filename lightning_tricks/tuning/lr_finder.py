@@ -1,0 +1,247 @@
+r"""The LR range test (guide section 3): grow the lr exponentially, watch the loss, pick the lr before it blows up.
+
+Step :math:`k` of :math:`N` uses the lr multiplier :math:`f_k = (l_{max}/l_{min})^{k/(N-1)}`: group 0 of optimizer 0
+goes from :math:`l_{min}` to :math:`l_{max}` and every other param group keeps its ratio to it (discriminative lrs
+survive).
+The loss of each optimizer step (the sum over its micro-batches, averaged over ranks) is smoothed with an
+exponential moving average with bias correction, :math:`\hat L_k = m_k / (1 - \beta^{k+1})`,
+:math:`m_k = \beta m_{k-1} + (1 - \beta) L_k`. Suggestions, on the smoothed curve without its first 10 % and last
+5 % of points:
+
+* ``valley``: the middle of the longest run of decreasing loss (its longest decreasing subsequence), fastai's default;
+* ``steep``: the steepest descent of the loss against :math:`\log_{10}` lr;
+* ``minimum / 10``: a tenth of the lr at the lowest loss.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_tricks._sharding import local
+from lightning_tricks.callbacks._base import TrickCallback
+from lightning_tricks.functional._checks import check_choice, check_number
+
+__all__ = ["LRFinderResult", "lr_find", "suggest"]
+
+CHOICES = ("valley", "steep", "minimum")
+
+
+@dataclass
+class LRFinderResult:
+    """The sweep (group 0's lr and the loss of each optimizer step) and the suggestions."""
+
+    lrs: list[float]
+    losses: list[float]
+    smoothed: list[float]
+    valley: float | None
+    steep: float | None
+    minimum: float | None  # a tenth of the lr at the lowest smoothed loss
+    clear: bool  # False when the curve shows no clear valley (a warning said so)
+    notes: list[str] = field(default_factory=list)
+
+    def suggestion(self, choice: str = "valley") -> float:
+        check_choice("choice", choice, CHOICES)
+        value = getattr(self, choice)
+        if value is None:
+            raise RuntimeError(f"no '{choice}' suggestion: the sweep recorded too few points ({len(self.lrs)}).")
+        return float(value)
+
+    def apply(self, module: pl.LightningModule, choice: str = "valley") -> float:
+        """Set the suggested lr as the module's ``lr`` (an attribute or a hyper-parameter) and return it; the next
+        ``configure_optimizers`` (e.g. ``adamw(self, lr=self.hparams.lr)``) uses it."""
+        lr = self.suggestion(choice)
+        found = False
+        if "lr" in getattr(module, "hparams", {}):
+            module.hparams["lr"] = lr
+            found = True
+        if hasattr(module, "lr"):
+            module.lr = lr
+            found = True
+        if not found:
+            raise AttributeError(f"{type(module).__name__} has no `lr` attribute or hyper-parameter: pass the "
+                                 f"suggestion ({lr:.3g}) to your optimizer yourself.")
+        return lr
+
+    def plot(self, path: str | None = None) -> Any:
+        """The loss against the lr (log scale) with the suggestions marked; saved to ``path`` when given."""
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(self.lrs, self.losses, color="0.75", lw=0.8, label="loss")
+        ax.plot(self.lrs, self.smoothed, color="tab:blue", label="smoothed")
+        for name, colour in (("valley", "tab:green"), ("steep", "tab:orange"), ("minimum", "tab:red")):
+            value = getattr(self, name)
+            if value is not None:
+                ax.axvline(value, color=colour, ls="--", label=f"{name} {value:.2g}")
+        ax.set(xscale="log", xlabel="learning rate (param group 0)", ylabel="training loss", title="LR range test")
+        finite = [v for v in self.smoothed if math.isfinite(v)]
+        if finite:
+            ax.set_ylim(min(finite) - 0.05 * abs(min(finite)), finite[0] * 1.5 if finite[0] > 0 else None)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=110)
+        return fig
+
+
+def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> tuple[float | None, float | None, float | None, bool,
+                                                                      list[str]]:
+    """``(valley, steep, minimum / 10, clear, notes)`` from a sweep's lrs and smoothed losses (see the module)."""
+    lr, loss = np.asarray(lrs, dtype=float), np.asarray(smoothed, dtype=float)
+    keep = np.isfinite(loss)
+    lr, loss = lr[keep], loss[keep]
+    n = len(loss)
+    start, stop = int(0.1 * n), n - max(1, int(0.05 * n))
+    lr, loss = lr[start:stop], loss[start:stop]
+    if len(loss) < 5:
+        return None, None, None, False, ["too few points for a suggestion"]
+    minimum = float(lr[int(np.argmin(loss))] / 10)
+    steep = float(lr[int(np.argmin(np.gradient(loss, np.log10(lr))))])
+    # longest decreasing subsequence: run[i] = length of the longest one ending at i, prev[i] its predecessor
+    m = len(loss)
+    run, first = [1] * m, list(range(m))
+    for i in range(m):
+        for j in range(i):
+            if loss[j] > loss[i] and run[j] + 1 > run[i]:
+                run[i], first[i] = run[j] + 1, first[j]
+    end = int(np.argmax(run))
+    begin = first[end]
+    valley = float(lr[(begin + end) // 2])
+    notes = []
+    fall = (loss[0] - loss.min()) / abs(loss[0]) if loss[0] else 0.0
+    if run[end] < max(5, 0.1 * m):
+        notes.append(f"the loss decreases over only {run[end]} of {m} points: no clear valley")
+    if fall < 0.05:
+        notes.append(f"the loss falls by only {100 * fall:.1f} % over the sweep: no clear valley")
+    return valley, steep, minimum, not notes, notes
+
+
+class _Sweep(pl.Callback):
+    """Sets the sweep's lrs, records the loss of each optimizer step, stops on divergence, restores the weights."""
+
+    def __init__(self, min_lr: float, max_lr: float, num_steps: int, beta: float, divergence: float) -> None:
+        self.min_lr, self.max_lr, self.num_steps = min_lr, max_lr, num_steps
+        self.beta, self.divergence = beta, divergence
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.smoothed: list[float] = []
+        self._pending: torch.Tensor | None = None
+        self._avg = 0.0
+
+    def _set(self, trainer: pl.Trainer, k: int) -> None:
+        factor = (self.max_lr / self.min_lr) ** (k / max(1, self.num_steps - 1))
+        for opt, base in zip(trainer.optimizers, self._base):
+            for group, b in zip(opt.param_groups, base):
+                group["lr"] = b * factor
+        self._current = trainer.optimizers[0].param_groups[0]["lr"]
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        reference = trainer.optimizers[0].param_groups[0]["lr"] or 1.0
+        # every group starts at min_lr times its ratio to group 0 of optimizer 0
+        self._base = [[self.min_lr * g["lr"] / reference for g in opt.param_groups] for opt in trainer.optimizers]
+        self._saved = [local(v).detach().clone() for v in pl_module.state_dict().values()]
+        self._step = trainer.global_step
+        self._set(trainer, 0)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = loss.detach().float()  # divided by accumulate_grad_batches: the micro-batches sum to the step's loss
+        self._pending = loss if self._pending is None else self._pending + loss
+        if trainer.global_step == self._step:
+            return  # accumulating
+        self._step = trainer.global_step
+        step_loss = float(trainer.strategy.reduce(self._pending, reduce_op="mean"))  # the same on every rank
+        self._pending = None
+        k = len(self.losses)
+        self.lrs.append(self._current)
+        self.losses.append(step_loss)
+        self._avg = self.beta * self._avg + (1 - self.beta) * step_loss
+        smoothed = self._avg / (1 - self.beta ** (k + 1))
+        self.smoothed.append(smoothed)
+        best = min(self.smoothed)
+        if not math.isfinite(smoothed) or (k > 5 and smoothed > self.divergence * best):
+            trainer.should_stop = True  # diverged
+        else:
+            self._set(trainer, k + 1)
+
+    def restore(self, pl_module: pl.LightningModule) -> None:
+        with torch.no_grad():
+            for target, value in zip(pl_module.state_dict().values(), self._saved):
+                local(target).copy_(value)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.restore(pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if hasattr(self, "_saved"):
+            self.restore(pl_module)
+
+
+def lr_find(
+    module: pl.LightningModule,
+    train_dataloaders: Any = None,
+    *,
+    datamodule: pl.LightningDataModule | None = None,
+    min_lr: float = 1e-7,
+    max_lr: float = 1.0,
+    num_steps: int = 100,
+    callbacks: Sequence[pl.Callback] = (),
+    beta: float = 0.98,
+    divergence: float = 4.0,
+    **trainer_kwargs: Any,
+) -> LRFinderResult:
+    """Run the LR range test on ``module`` and return the curve and the suggestions; the module's weights, and the
+    state of the given callbacks, come back as they were (from memory: no checkpoint file).
+
+    Args:
+        module: the model; its ``configure_optimizers`` builds the optimizer(s) of the sweep (a fresh one).
+        train_dataloaders, datamodule: the training data, as for ``Trainer.fit``.
+        min_lr, max_lr: the range of group 0's lr (``min_lr < max_lr``, both > 0).
+        num_steps: optimizer steps of the sweep (at most; it stops when the smoothed loss exceeds ``divergence``
+            times its best).
+        callbacks: the run's callbacks; its tricks (``TrickCallback``: label smoothing, mixup, distillation) stay on
+            during the sweep, others (schedules, early stopping, averaging) are left out.
+        beta: the smoothing of the loss.
+        trainer_kwargs: for the sweep's ``Trainer`` (``accelerator``, ``devices``, ``strategy``, ``precision``,
+            ``accumulate_grad_batches``, ...): the lr is stepped per optimizer step; under several processes the loss
+            of each step is averaged over ranks.
+    """
+    check_number("min_lr", min_lr, low=0.0, low_open=True)
+    check_number("max_lr", max_lr, low=0.0, low_open=True)
+    if min_lr >= max_lr:
+        raise ValueError(f"`min_lr` ({min_lr!r}) must be smaller than `max_lr` ({max_lr!r}).")
+    check_number("num_steps", num_steps, low=5, integer=True)
+    check_number("beta", beta, low=0.0, high=1.0, high_open=True)
+    check_number("divergence", divergence, low=1.0, low_open=True)
+    tricks = [cb for cb in callbacks if isinstance(cb, TrickCallback)]
+    saved_states = [cb.state_dict() for cb in tricks]
+    sweep = _Sweep(min_lr, max_lr, num_steps, beta, divergence)
+    defaults: dict[str, Any] = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                                    max_epochs=-1)
+    trainer = pl.Trainer(**{**defaults, **trainer_kwargs, "max_steps": num_steps, "callbacks": [*tricks, sweep]})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*val_dataloader.*|.*validation_step.*")
+        trainer.fit(module, train_dataloaders=train_dataloaders, datamodule=datamodule)
+    for cb, state in zip(tricks, saved_states):
+        cb.load_state_dict(state)
+    valley, steep, minimum, clear, notes = suggest(sweep.lrs, sweep.smoothed)
+    if not clear:
+        rank_zero_warn(f"lr_find: {'; '.join(notes)}. Widen the range (min_lr, max_lr), raise num_steps, or check "
+                       "that the model trains at all (overfit_check).")
+    return LRFinderResult(sweep.lrs, sweep.losses, sweep.smoothed, valley, steep, minimum, clear, notes)
