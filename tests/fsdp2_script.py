@@ -253,6 +253,24 @@ def case_swa(out: Path) -> None:
     assert swa.updates == 3 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(now, want))
 
 
+def case_lr_find(out: Path) -> None:
+    from lightning_tricks.tuning import lr_find
+
+    model = ShardedNet()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    result = lr_find(model, data(256), num_steps=12, min_lr=1e-4, max_lr=1e-1, divergence=1e9,
+                     callbacks=[LabelSmoothing(0.1)], accelerator="cpu", devices=2, default_root_dir=str(out),
+                     strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                                    timeout=timedelta(seconds=90)))
+    assert len(result.losses) == 12
+    for key, value in model.state_dict().items():  # sharded by the sweep's fit; restored shard by shard
+        assert torch.equal(value.full_tensor(), before[key]), key
+    both = torch.distributed.all_gather_object  # the same (rank-averaged) curve on every rank
+    curves: list[Any] = [None, None]
+    both(curves, result.losses)
+    assert curves[0] == curves[1]
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 if __name__ == "__main__":

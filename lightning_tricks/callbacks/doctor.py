@@ -81,6 +81,8 @@ class TrainingDoctor(pl.Callback):
       that rose by more than 50 % over the previous one, in two epochs or more: warmup, lower lr, clipping,
       normalisation layers.
     * ``vanishing_gradients`` / ``exploding_gradients`` (warning): flagged by :class:`GradientMonitor`.
+    * ``overfit_check_failed`` (error) / ``overfit_check_passed`` (info): the verdict of
+      :func:`lightning_tricks.tuning.overfit_check` run on the module before the fit.
     * ``ended_in_warmup`` (warning): with :class:`WarmupCosine`, the run ended before the lr reached its peak.
     * ``healthy`` / ``too_short`` (info).
 
@@ -140,6 +142,16 @@ class TrainingDoctor(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.findings, self.history, self.report_paths = [], [], []
         self._reset_epoch()
+        checked = pl_module.__dict__.get("tricks_overfit_result")  # from lightning_tricks.tuning.overfit_check
+        if checked is not None:
+            evidence = {"initial_loss": checked.initial_loss, "final_loss": checked.final_loss,
+                        "steps": checked.steps, "batch_accuracy": checked.accuracy}
+            if checked.passed:
+                self._add(trainer, "overfit_check_passed", "info", "the model memorised one batch before training",
+                          evidence, ["carry on: the model, the loss and the labels can learn"])
+            else:
+                self._add(trainer, "overfit_check_failed", "error", "the model could not memorise one batch before "
+                          "training (overfit_check)", evidence, checked.likely_causes)
 
     def _reset_epoch(self) -> None:
         # Per training batch: the step loss and a probe of the inputs (their float32 sum: non-finite exactly when
@@ -261,11 +273,12 @@ class TrainingDoctor(pl.Callback):
                 lr_name = f"the peak lr ({_fmt(peak)})" if peak is not None else f"the lr ({_fmt(rec.lr)})"
                 self._add(trainer, "loss_not_falling", "warning", "the training loss does not fall", ev, [
                     ("the lr is far too small: updates are under 1e-5 of the weights (1e-3 is typical); raise it or "
-                     "run Lightning's LR finder") if small_lr else
-                    f"{lr_name} too small? try 10x, or Lightning's LR finder (Tuner.lr_find)",
+                     "run lightning_tricks.tuning.lr_find") if small_lr else
+                    f"{lr_name} too small? try 10x, or lightning_tricks.tuning.lr_find",
                     "data or labels wrong? look at a batch: do the labels match the inputs (not shuffled apart)?",
                     "output size mismatch? the head must output one logit per class",
-                    "can the model overfit one batch? (Trainer(overfit_batches=1)): if not, it is a bug",
+                    "can the model overfit one batch? lightning_tricks.tuning.overfit_check(model, loader): if not, "
+                    "it is a bug",
                 ])
         # 3. training loss falls, validation does not
         vals = [(e.epoch, e.val_loss) for e in h if e.val_loss is not None and math.isfinite(e.val_loss)]
@@ -331,7 +344,7 @@ class TrainingDoctor(pl.Callback):
             advice.append("exploding gradients: clip them (gradient_clip_val=1.0) and lower the lr")
         peak = _peak_lr(_schedule(trainer))
         lr_name = f"peak lr = {_fmt(peak)}" if peak is not None else f"lr = {_fmt(rec.lr)}"
-        advice += [f"lr too large? ({lr_name}): try 10x smaller, with a warmup",
+        advice += [f"lr too large? ({lr_name}): try 10x smaller, with a warmup, or lightning_tricks.tuning.lr_find",
                    "clip gradients (gradient_clip_val=1.0)",
                    "numerics: use log_softmax/cross_entropy rather than log(softmax), add eps to divisions and logs, "
                    "prefer bf16 to fp16"]

@@ -90,6 +90,7 @@ def overfit_check(
     """
     check_number("steps", steps, low=1, integer=True)
     check_number("target_fraction", target_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
+    rng = torch.get_rng_state()  # (a DataLoader's iterator draws its seed from it)
     batch = next(iter(dataloader))
     unpack = getattr(module, "tricks_unpack", None)
     x, y = unpack(batch) if unpack is not None else (batch[0], batch[1])
@@ -98,7 +99,6 @@ def overfit_check(
     if loss_fn is None:
         loss_fn = getattr(module, "tricks_loss", F.cross_entropy)
     saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    rng = torch.get_rng_state()
     was_training = module.training
     if optimizer is None:
         optimizer = _first_optimizer(module.configure_optimizers())  # type: ignore[operator]
