@@ -8,7 +8,8 @@ exponential moving average with bias correction, :math:`\hat L_k = m_k / (1 - \b
 :math:`m_k = \beta m_{k-1} + (1 - \beta) L_k`. Suggestions, on the smoothed curve without its first 10 % and last
 5 % of points:
 
-* ``valley``: the middle of the longest run of decreasing loss (its longest decreasing subsequence), fastai's default;
+* ``valley``: fastai's default: the stretch of points, as long as the loss's longest decreasing subsequence, that ends
+  where that subsequence ends; the suggestion lies half way along it;
 * ``steep``: the steepest descent of the loss against :math:`\log_{10}` lr;
 * ``minimum / 10``: a tenth of the lr at the lowest loss.
 """
@@ -107,16 +108,19 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> tuple[float | No
         return None, None, None, False, ["too few points for a suggestion"]
     minimum = float(lr[int(np.argmin(loss))] / 10)
     steep = float(lr[int(np.argmin(np.gradient(loss, np.log10(lr))))])
-    # longest decreasing subsequence: run[i] = length of the longest one ending at i, prev[i] its predecessor
+    # fastai's valley: run[i] is the length of the longest decreasing subsequence ending at point i; the valley is the
+    # stretch of that many points ending at the longest one's end (not at its first element, which may sit far back
+    # on a plateau that barely falls), and the suggestion half way along it
     m = len(loss)
-    run, first = [1] * m, list(range(m))
+    run = [1] * m
     for i in range(m):
         for j in range(i):
             if loss[j] > loss[i] and run[j] + 1 > run[i]:
-                run[i], first[i] = run[j] + 1, first[j]
+                run[i] = run[j] + 1
     end = int(np.argmax(run))
-    begin = first[end]
-    valley = float(lr[(begin + end) // 2])
+    begin = max(0, end - run[end])
+    third = (end - begin) / 3
+    valley = float(lr[begin + int(third) + int(third / 2)])
     notes = []
     fall = (loss[0] - loss.min()) / abs(loss[0]) if loss[0] else 0.0
     if run[end] < max(5, 0.1 * m):
