@@ -186,3 +186,34 @@ def test_two_workers_share_one_journal_file(tmp_path: Path) -> None:
     numbers = [t.number for t in study.trials]
     assert sorted(numbers) == list(range(6))
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
+class _PruneAtOnce:
+    """A stand-in for an Optuna trial whose pruner says stop at the first report (consulted by rank 0 only)."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[float, int]] = []
+
+    def report(self, value: float, step: int) -> None:
+        self.reports.append((value, step))
+
+    def should_prune(self) -> bool:
+        return True
+
+
+class _BothStopped(pl.Callback):
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pruning = next(cb for cb in trainer.callbacks if type(cb).__name__ == "OptunaPruning")
+        asked = len(pruning.trial.reports)
+        assert asked == (1 if trainer.is_global_zero else 0)  # rank 0 reports and decides
+        ends = trainer.strategy.all_gather(torch.tensor([float(trainer.current_epoch), float(pruning.pruned_at)]))
+        assert torch.equal(ends[0], ends[1]) and pruning.pruned_at == 0  # both ranks stop at the same validation
+
+
+def test_pruning_under_ddp_is_decided_by_rank_zero() -> None:
+    from lightning_tricks.tuning.search import OptunaPruning
+
+    trainer = quiet_trainer(devices=2, strategy="ddp_fork", max_epochs=5,
+                            callbacks=[OptunaPruning(_PruneAtOnce(), "val_acc"), _BothStopped()])
+    trainer.fit(TinyNet(), loader(64, 8), loader(32, 8))
+    assert trainer.state.finished
