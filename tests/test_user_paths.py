@@ -256,3 +256,41 @@ def test_a_run_that_ends_inside_warmup_says_so() -> None:
     finding = next(f for f in callbacks[1].findings if f.code == "ended_in_warmup")
     assert finding.evidence["optimizer_steps"] == 24 and finding.evidence["warmup_steps"] == 100
 
+
+
+class NoCount(TricksMixin, pl.LightningModule):
+    """A module that says nothing about its class count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.flatten(1))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_class_count_from_the_callback_argument() -> None:
+    trainer = quiet_trainer(max_steps=3, callbacks=[Mixup(0.4, num_classes=4), LabelSmoothing(0.1)])
+    trainer.fit(NoCount(), loader())
+    assert trainer.global_step == 3
+
+
+def test_distillation_alone_needs_no_class_count() -> None:
+    from lightning_tricks import Distillation
+
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    trainer = quiet_trainer(max_steps=3, callbacks=[Distillation(teacher)])
+    trainer.fit(NoCount(), loader())  # no batch trick: the soft targets come from the current logits
+    assert "distill/soft" in trainer.callback_metrics
+
+
+def test_ema_with_a_lazy_module() -> None:
+    from lightning_tricks import EMA
+
+    ema = EMA(decay=0.5, warmup=False, keep_ema_at_end=False)
+    model = Lazy()
+    quiet_trainer(max_steps=3, callbacks=[ema]).fit(model, loader())
+    assert ema.updates == 3 and ema.averaged_state_dict()["net.1.weight"].shape == (16, 16)
