@@ -116,7 +116,8 @@ class Ensemble(pl.LightningModule):
         x, y = batch
         probs = self.member_probabilities(x)
         combined = combine(probs, self.method, self._weights_for_method())
-        acc = (self.classes(probs) == y).float().mean()
+        decision = majority_vote(probs) if self.method == "vote" else combined.argmax(dim=-1)
+        acc = (decision == y).float().mean()
         nll = F.nll_loss(combined.clamp_min(1e-12).log(), y)
         if self._ece is None:
             self._ece = MulticlassCalibrationError(num_classes=combined.shape[-1], n_bins=15, norm="l1").to(self.device)

@@ -54,11 +54,9 @@ class WeightAverage(pl.Callback):
         elif len(self._averages) != len(self._targets):
             self._averages = [torch.empty_like(t, dtype=torch.float32) if t.is_floating_point() else None
                               for t in self._targets]
-
-    def _pairs(self) -> tuple[list[Tensor], list[Tensor]]:
-        """The (average, module tensor) lists of the floating tensors."""
+        # The (average, module tensor) lists of the floating tensors, made once: each update is one fused call.
         pairs = [(a, t) for a, t in zip(self._averages, self._targets) if a is not None]
-        return [a for a, _ in pairs], [t for _, t in pairs]
+        self._float_averages, self._float_targets = [a for a, _ in pairs], [t for _, t in pairs]
 
     def _average_in(self, pl_module: pl.LightningModule, update: Callable[[list[Tensor], list[Tensor], int], None]
                     ) -> None:
@@ -67,7 +65,7 @@ class WeightAverage(pl.Callback):
         if self._names is None:
             self._collect(pl_module)
         self.updates += 1
-        averages, values = self._pairs()
+        averages, values = self._float_averages, self._float_targets
         if self.updates == 1:
             with torch.no_grad():
                 torch._foreach_copy_(averages, values)

@@ -19,6 +19,7 @@ import csv
 import importlib
 import json
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -296,7 +297,8 @@ def write_outputs(study: Any, out: Path, config: Sequence[str | Path], space: di
     matplotlib.use("Agg")
     from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
 
-    with _quiet_experimental():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*experimental.*")  # Optuna's matplotlib plots say they are experimental
         if complete:
             ax = plot_optimization_history(study)
             ax.figure.savefig(out / "history.png", dpi=100, bbox_inches="tight")
@@ -314,17 +316,3 @@ def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
             _merge(into[key], value)
         else:
             into[key] = value
-
-
-class _quiet_experimental:
-    """Optuna's matplotlib plots warn that they are experimental."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.filterwarnings("ignore", ".*experimental.*")
-
-    def __exit__(self, *exc: Any) -> None:
-        self._ctx.__exit__(*exc)
