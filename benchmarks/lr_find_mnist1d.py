@@ -44,13 +44,13 @@ def _quiet() -> None:
     torch.set_num_threads(1)
 
 
-def grid_run(lr: float, seed: int, epochs: int) -> float:
+def grid_run(lr: float, seed: int, epochs: int, schedule: str) -> float:
     _quiet()
     train, val, _ = mnist1d_splits()
     pl.seed_everything(seed, verbose=False)
+    callbacks = [LabelSmoothing(0.1), Mixup(0.2)] + ([WarmupCosine(0.1)] if schedule == "cosine" else [])
     trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, deterministic=True,
-                         callbacks=[WarmupCosine(0.1), LabelSmoothing(0.1), Mixup(0.2)])
+                         enable_model_summary=False, num_sanity_val_steps=0, deterministic=True, callbacks=callbacks)
     trainer.fit(Classifier(ConvBase(), lr=lr), DataLoader(train, batch_size=100, shuffle=True),
                 DataLoader(val, batch_size=1000))
     return float(trainer.callback_metrics["val_acc"])
@@ -79,11 +79,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                    help="the grid's runs: warmup + cosine (the recipe's) or a constant lr")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
-        grid = {(lr, s): pool.submit(grid_run, lr, s, args.epochs) for s in args.seeds for lr in GRID}
+        grid = {(lr, s): pool.submit(grid_run, lr, s, args.epochs, args.schedule) for s in args.seeds for lr in GRID}
         found = {s: pool.submit(finders, s) for s in args.seeds}
         accs = {k: f.result() for k, f in grid.items()}
         suggestions = {s: f.result() for s, f in found.items()}

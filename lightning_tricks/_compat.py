@@ -59,3 +59,13 @@ class EarlyStoppingChecks(_LightningEarlyStopping):
     def evaluate_criteria(self, current: Tensor) -> tuple[bool, str | None]:
         """Whether to stop at ``current``, and why (Lightning's)."""
         return super()._evaluate_stopping_criteria(current)
+
+
+def fit_train_dataloader(trainer: pl.Trainer) -> Any:
+    """The training dataloader(s) of the fit in progress, loaded now if the fit loop has not done it yet.
+
+    ``trainer.train_dataloader`` is public but ``None`` until the fit loop loads the data, after ``on_fit_start``;
+    the loop's ``setup_data`` loads it (a no-op when it is loaded already; the fit loop then reuses it).
+    """
+    trainer.fit_loop.setup_data()
+    return trainer.train_dataloader

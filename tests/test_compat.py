@@ -10,7 +10,14 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
 from lightning.pytorch.plugins import MixedPrecision
 
-from lightning_tricks._compat import EarlyStoppingChecks, attached_trainer, logger_step, loss_scale, unscales_itself
+from lightning_tricks._compat import (
+    EarlyStoppingChecks,
+    attached_trainer,
+    fit_train_dataloader,
+    logger_step,
+    loss_scale,
+    unscales_itself,
+)
 from tests.conftest import TinyNet, loader, quiet_trainer
 
 
@@ -66,3 +73,18 @@ def test_attached_trainer_and_self_unscaling_optimizers() -> None:
     assert attached_trainer(model) is trainer is model.trainer
     fused = torch.optim.AdamW(model.parameters(), fused=True)
     assert unscales_itself(fused) and not unscales_itself(torch.optim.AdamW(model.parameters()))
+
+
+class EarlyLoader(pl.Callback):
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert trainer.train_dataloader is None  # not loaded yet at on_fit_start (why the helper exists)
+        self.early = fit_train_dataloader(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.used = trainer.train_dataloader
+
+
+def test_fit_train_dataloader_loads_the_fits_loader_once() -> None:
+    probe, data = EarlyLoader(), loader()
+    quiet_trainer(max_steps=1, callbacks=[probe]).fit(TinyNet(), data)
+    assert probe.early is data and probe.used is data  # the same loader; the fit loop did not load it again

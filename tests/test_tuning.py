@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_tricks import LabelSmoothing, Mixup, TrainingDoctor
+from lightning_tricks import LabelSmoothing, Mixup, TrainingDoctor, WarmupCosine
 from lightning_tricks.callbacks import TrickCallback
-from lightning_tricks.tuning import lr_find, overfit_check, suggest
+from lightning_tricks.tuning import LRFinder, lr_find, overfit_check, suggest
 from lightning_tricks.tuning.search import load_space, make_storage, tune
 from tests.conftest import TinyNet, loader, make_data, quiet_trainer
 
@@ -107,6 +107,69 @@ def test_result_apply_and_plot(tmp_path: Path) -> None:
     assert model.hparams.lr == lr == result.steep
     result.plot(str(tmp_path / "lr.png"))
     assert (tmp_path / "lr.png").stat().st_size > 0
+
+
+class StartProbe(pl.Callback):
+    """What training starts from, after every other callback's on_fit_start."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        self.lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]
+        self.device = next(pl_module.parameters()).device
+        self.trainer_is_ours = pl_module.trainer is trainer
+
+
+def test_the_finder_callback_sweeps_like_the_function_then_trains_from_the_same_weights() -> None:
+    sweep = dict(min_lr=1e-4, max_lr=1.0, num_steps=30)
+    torch.manual_seed(0)
+    reference = lr_find(TinyNet(group_lrs=(0.01, 0.03)), loader(256, 8), callbacks=[LabelSmoothing(0.1)], **sweep)
+    torch.manual_seed(0)
+    model = TinyNet(group_lrs=(0.01, 0.03))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    finder, schedule, probe = LRFinder("steep", **sweep), WarmupCosine(0.1), StartProbe()
+    trainer = quiet_trainer(max_epochs=1, callbacks=[schedule, LabelSmoothing(0.1), finder, probe])
+    trainer.fit(model, loader(256, 8))
+    assert finder.result is not None and finder.result.clear
+    np.testing.assert_allclose(finder.result.losses, reference.losses, rtol=1e-5)  # the same sweep as lr_find's
+    assert finder.lr == reference.steep
+    assert all(torch.equal(before[k], v) for k, v in probe.state.items())  # training starts from the initial weights
+    assert probe.trainer_is_ours and probe.device == torch.device("cpu")
+    # every group scaled by one factor; WarmupCosine planned from the new lrs (listed before the finder or not)
+    assert schedule.base_lrs == [[pytest.approx(finder.lr), pytest.approx(3 * finder.lr)]]
+
+
+class StepScheduled(TinyNet):
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=0.01)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)}
+
+
+def test_the_finder_callback_rescales_torch_schedulers_and_is_skipped_on_resume(tmp_path: Path) -> None:
+    finder = LRFinder("minimum", min_lr=1e-4, max_lr=1.0, num_steps=30)
+    trainer = quiet_trainer(max_epochs=1, enable_checkpointing=True, default_root_dir=str(tmp_path),
+                            callbacks=[finder], precision="bf16-mixed", accumulate_grad_batches=2)
+    model = StepScheduled()
+    trainer.fit(model, loader(128, 8, shuffle=True))
+    assert finder.lr == pytest.approx(finder.result.minimum)
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == [pytest.approx(finder.lr)]
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    again, probe = LRFinder("minimum", min_lr=1e-4, max_lr=1.0, num_steps=30), StartProbe()
+    quiet_trainer(max_epochs=2, callbacks=[again, probe]).fit(StepScheduled(), loader(128, 8), ckpt_path=str(ckpt))
+    assert again.result is None and again.lr == finder.lr  # no second sweep; the lr came back with the optimizer
+    assert probe.lrs == [trainer.optimizers[0].param_groups[0]["lr"]]
+
+
+def test_the_finder_callback_refuses_several_processes_and_bad_arguments() -> None:
+    class TwoRanks:
+        world_size = 2
+        strategy = object()
+
+    with pytest.raises(RuntimeError, match=r"2 processes.*lr_find"):
+        LRFinder().setup(TwoRanks(), TinyNet(), "fit")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="choice"):
+        LRFinder("best")
+    with pytest.raises(ValueError, match=r"`min_lr` \(1.0\) must be smaller than `max_lr` \(0.1\)"):
+        LRFinder(min_lr=1.0, max_lr=0.1)
 
 
 # ------------------------------------------------------------------------------- Optuna search

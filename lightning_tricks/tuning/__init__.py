@@ -1,6 +1,6 @@
 """The guide's tuning workflow (section 10): prove the model can overfit one batch, find the lr, search the rest."""
 
-from lightning_tricks.tuning.lr_finder import LRFinderResult, lr_find, suggest
+from lightning_tricks.tuning.lr_finder import LRFinder, LRFinderResult, lr_find, suggest
 from lightning_tricks.tuning.overfit import OverfitResult, overfit_check
 
-__all__ = ["LRFinderResult", "OverfitResult", "lr_find", "overfit_check", "suggest"]
+__all__ = ["LRFinder", "LRFinderResult", "OverfitResult", "lr_find", "overfit_check", "suggest"]
