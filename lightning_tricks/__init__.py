@@ -7,11 +7,13 @@ from lightning_tricks.callbacks import (
     EarlyStopping,
     GradientMonitor,
     LabelSmoothing,
+    LRScaling,
     Mixup,
     TrainingDoctor,
     WarmupCosine,
 )
 from lightning_tricks.ensemble import Ensemble
+from lightning_tricks.groups import param_groups, scaled_lr
 from lightning_tricks.mixin import TricksMixin
 from lightning_tricks.recipe import adamw, recipe
 
@@ -23,6 +25,7 @@ __all__ = [
     "EarlyStopping",
     "Ensemble",
     "GradientMonitor",
+    "LRScaling",
     "LabelSmoothing",
     "Mixup",
     "TrainingDoctor",
@@ -30,5 +33,7 @@ __all__ = [
     "WarmupCosine",
     "__version__",
     "adamw",
+    "param_groups",
     "recipe",
+    "scaled_lr",
 ]

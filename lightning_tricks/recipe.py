@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+
 import lightning.pytorch as pl
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from lightning_tricks.callbacks import (
     WarmupCosine,
 )
 from lightning_tricks.functional._checks import check_number
+from lightning_tricks.groups import Layers, param_groups
 
 
 def recipe(
@@ -91,28 +94,20 @@ def adamw(
     weight_decay: float = 0.01,
     exclude_bias_and_norm: bool = True,
     betas: tuple[float, float] = (0.9, 0.999),
+    *,
+    no_decay: Iterable[str] | Callable[[str, nn.Parameter], bool] = (),
+    layer_decay: float | None = None,
+    layers: Layers | None = None,
+    lr_mult: Mapping[str, float] | None = None,
 ) -> torch.optim.AdamW:
     """The guide's optimizer: AdamW, weight decay 0.01, with biases and normalisation weights not decayed.
 
-    With ``exclude_bias_and_norm``, biases (parameters named ``bias``) and every parameter of a normalisation layer
-    (BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm) go in a group with ``weight_decay=0``, as timm, Hugging
-    Face and fastai do: decaying them only fights the normalisation. The choice is made by module type and name, not
-    by shape, so lazy modules (``LazyLinear``, whose parameters have no shape before the first forward) are grouped
-    right. Frozen parameters are left out.
+    The groups come from :func:`lightning_tricks.param_groups` (see it for ``no_decay``, ``layer_decay``, ``layers``
+    and ``lr_mult``): biases (parameters named ``bias``) and every parameter of a normalisation layer go in a group
+    with ``weight_decay=0``, as timm, Hugging Face and fastai do (decaying them only fights the normalisation); the
+    choice is made by module type and name, not by shape, so lazy modules (``LazyLinear``) are grouped right.
+    Frozen parameters are left out.
     """
-    check_number("lr", lr, low=0.0, low_open=True)
-    check_number("weight_decay", weight_decay, low=0.0)
-    if not exclude_bias_and_norm:
-        params = [p for p in module.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    seen: set[int] = set()
-    for sub in module.modules():
-        for name, p in sub.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
-                continue
-            seen.add(id(p))
-            (no_decay if isinstance(sub, _NORMS) or name == "bias" else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+    groups = param_groups(module, lr, weight_decay, exclude_bias_and_norm=exclude_bias_and_norm, no_decay=no_decay,
+                          layer_decay=layer_decay, layers=layers, lr_mult=lr_mult)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)

@@ -8,6 +8,7 @@ from lightning_tricks.callbacks.early_stopping import EarlyStopping
 from lightning_tricks.callbacks.ema import EMA
 from lightning_tricks.callbacks.gradient_monitor import GradientMonitor, NonFiniteGradientError
 from lightning_tricks.callbacks.label_smoothing import LabelSmoothing
+from lightning_tricks.callbacks.lr_scaling import LRScaling
 from lightning_tricks.callbacks.mixup import Mixup
 from lightning_tricks.callbacks.swa import SWA
 from lightning_tricks.callbacks.warmup_cosine import WarmupCosine
@@ -19,6 +20,7 @@ __all__ = [
     "EarlyStopping",
     "Finding",
     "GradientMonitor",
+    "LRScaling",
     "LabelSmoothing",
     "Mixup",
     "NonFiniteGradientError",

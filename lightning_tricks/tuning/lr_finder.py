@@ -33,6 +33,7 @@ from lightning_tricks._compat import fit_train_dataloader
 from lightning_tricks._sharding import local
 from lightning_tricks.callbacks._base import TrickCallback
 from lightning_tricks.functional._checks import check_choice, check_number
+from lightning_tricks.groups import scale_lrs
 
 __all__ = ["LRFinder", "LRFinderResult", "lr_find", "suggest"]
 
@@ -293,7 +294,10 @@ class LRFinder(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.world_size > 1:
+        if stage != "fit":
+            return
+        self.result = self.lr = None  # a checkpoint's state, restored after setup, may set the lr
+        if trainer.world_size > 1:
             raise RuntimeError(
                 f"LRFinder runs its sweep in single-process fits, but this fit has {trainer.world_size} processes "
                 f"({type(trainer.strategy).__name__}). Call `lightning_tricks.tuning.lr_find(model, loader, "
@@ -319,14 +323,7 @@ class LRFinder(pl.Callback):
             return
         lr = self.result.suggestion(self.choice)
         factor = lr / trainer.optimizers[0].param_groups[0]["lr"]
-        for opt in trainer.optimizers:
-            for group in opt.param_groups:
-                group["lr"] *= factor
-                if "initial_lr" in group:
-                    group["initial_lr"] *= factor
-        for config in trainer.lr_scheduler_configs:
-            if hasattr(config.scheduler, "base_lrs"):
-                config.scheduler.base_lrs = [b * factor for b in config.scheduler.base_lrs]
+        scale_lrs(trainer.optimizers, [c.scheduler for c in trainer.lr_scheduler_configs], factor)
         self.lr = lr
         rank_zero_info(f"LRFinder: lr {lr:.3g} ({self.choice}) set on param group 0; every group scaled by "
                        f"{factor:.3g}. The curve: `finder.result.plot()`.")
