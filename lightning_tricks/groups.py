@@ -33,8 +33,9 @@ def _matches(name: str, prefix: str) -> bool:
 
 
 def block_order(module: nn.Module) -> list[str]:
-    """The model's layers from the bottom, as module names: its direct children in the order they were registered,
-    where a ``ModuleList`` or ``Sequential`` child counts each of its own children (``blocks.0``, ``blocks.1``, ...).
+    """The model's layers from the bottom, as module names: its direct children that hold parameters, in the order
+    they were registered, where a ``ModuleList`` or ``Sequential`` child counts each of its own children (``blocks.0``,
+    ``blocks.1``, ...).
 
     Registration order is the order of ``__init__``, which for most models (timm's, torchvision's, a plain stack) is
     the order of the forward pass; pass ``layers=`` to :func:`param_groups` when it is not.
@@ -42,10 +43,14 @@ def block_order(module: nn.Module) -> list[str]:
     names: list[str] = []
     for name, child in module.named_children():
         if isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) > 1:
-            names.extend(f"{name}.{sub}" for sub, _ in child.named_children())
-        else:
+            names.extend(f"{name}.{sub}" for sub, grandchild in child.named_children() if _has_parameters(grandchild))
+        elif _has_parameters(child):
             names.append(name)
     return names
+
+
+def _has_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
 
 
 def layer_of(module: nn.Module, layers: Layers | None = None) -> dict[str, int]:
@@ -59,21 +64,23 @@ def layer_of(module: nn.Module, layers: Layers | None = None) -> dict[str, int]:
     entries = [[e] if isinstance(e, str) else list(e) for e in (layers if given else block_order(module))]
     found: dict[str, int] = {}
     used = [False] * len(entries)
+    uncovered = []
     for name, _ in module.named_parameters():
         for i in range(len(entries) - 1, -1, -1):  # the last entry that matches: the most specific, top-most
             if any(_matches(name, prefix) for prefix in entries[i]):
                 found[name], used[i] = i, True
                 break
         else:
-            if given:
-                raise ValueError(f"`layers`: the parameter {name!r} is in none of the layers given; every parameter "
-                                 "must be covered (add its module's name to a layer).")
-            found[name] = 0
+            found[name] = 0  # held by the module itself (default order) or, with `layers`, an error below
+            uncovered.append(name)
     if given:
         unused = [entries[i] for i, u in enumerate(used) if not u]
         if unused:
             raise ValueError(f"`layers`: {unused} match no parameter of {type(module).__name__}; names are module or "
                              f"parameter names such as {list(dict(module.named_children()))[:4]}.")
+        if uncovered:
+            raise ValueError(f"`layers`: the parameter {uncovered[0]!r} is in none of the layers given; every "
+                             "parameter must be covered (add its module's name to a layer).")
     return found
 
 
