@@ -6,6 +6,7 @@ from lightning_tricks.callbacks.distillation import Distillation
 from lightning_tricks.callbacks.doctor import Finding, TrainingDoctor
 from lightning_tricks.callbacks.early_stopping import EarlyStopping
 from lightning_tricks.callbacks.ema import EMA
+from lightning_tricks.callbacks.finetune import Finetune
 from lightning_tricks.callbacks.gradient_monitor import GradientMonitor, NonFiniteGradientError
 from lightning_tricks.callbacks.label_smoothing import LabelSmoothing
 from lightning_tricks.callbacks.lr_scaling import LRScaling
@@ -19,6 +20,7 @@ __all__ = [
     "Distillation",
     "EarlyStopping",
     "Finding",
+    "Finetune",
     "GradientMonitor",
     "LRScaling",
     "LabelSmoothing",
