@@ -271,6 +271,34 @@ def case_lr_find(out: Path) -> None:
     assert curves[0] == curves[1]
 
 
+class PhaseCheck(pl.Callback):
+    """Local shards of each layer at the end of every epoch, and the lr at the start."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self.states.append({k: v.to_local().clone() for k, v in pl_module.state_dict().items()})
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.states.append({k: v.to_local().clone() for k, v in pl_module.state_dict().items()})
+
+
+def case_finetune_and_scaling(out: Path) -> None:
+    from lightning_tricks import Finetune, LRScaling
+
+    check = PhaseCheck()
+    scaling = LRScaling(base_batch_size=8)
+    t = trainer(out, max_epochs=3, callbacks=[Finetune(["net.0", "net.3"], 1, unfreeze_every=1), scaling, check])
+    t.fit(ShardedNet(lr=0.02), data())
+    assert scaling.effective_batch_size == 16 and math.isclose(check.lr, 0.04)  # 8 per rank x 2 ranks
+    s = check.states
+    trained = [[not torch.equal(s[e][f"net.{i}.weight"], s[e + 1][f"net.{i}.weight"]) for i in (0, 3, 5)]
+               for e in range(3)]
+    assert trained == [[False, False, True], [False, True, True], [True, True, True]], trained
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 if __name__ == "__main__":
