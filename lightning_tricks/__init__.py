@@ -2,6 +2,7 @@
 
 from lightning_tricks.callbacks import (
     EMA,
+    L1,
     SWA,
     Distillation,
     EarlyStopping,
@@ -21,6 +22,7 @@ from lightning_tricks.recipe import adamw, recipe
 __version__ = "0.1.0"
 __all__ = [
     "EMA",
+    "L1",
     "SWA",
     "Distillation",
     "EarlyStopping",

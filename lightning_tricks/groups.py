@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_tricks.functional._checks import check_choice, check_number
 
-__all__ = ["NORM_LAYERS", "block_order", "layer_of", "param_groups", "scale_lrs", "scaled_lr"]
+__all__ = ["NORM_LAYERS", "block_order", "decayed_parameters", "layer_of", "param_groups", "scale_lrs", "scaled_lr"]
 
 NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
@@ -124,9 +124,7 @@ def param_groups(
     missing = [n for n in mults if n not in names]
     if missing:
         raise ValueError(f"`lr_mult`: {missing} match no module or parameter of {type(module).__name__}.")
-    skip = no_decay if callable(no_decay) else None
-    skip_names = [] if callable(no_decay) else list(no_decay)
-
+    decayed = {id(p) for p in decayed_parameters(module, exclude_bias_and_norm, no_decay)}
     depth = layer_of(module, layers) if (layer_decay is not None or layers is not None) else {}
     top = max(depth.values(), default=0)
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
@@ -138,20 +136,35 @@ def param_groups(
                 continue
             seen.add(id(p))
             name = f"{mod_name}.{p_name}" if mod_name else p_name
-            decayed = not (
-                (exclude_bias_and_norm and (isinstance(sub, NORM_LAYERS) or p_name == "bias"))
-                or any(_matches(name, n) for n in skip_names)
-                or (skip is not None and skip(name, p))
-            )
             scale = layer_decay ** (top - depth[name]) if layer_decay is not None else 1.0
             matching = [n for n in mults if _matches(name, n)]
             if matching:
                 scale *= mults[max(matching, key=len)]
-            key = (lr * scale, weight_decay if decayed else 0.0)
+            key = (lr * scale, weight_decay if id(p) in decayed else 0.0)
             groups.setdefault(key, []).append(p)
             order.setdefault(key, depth.get(name, 0))
     keys = sorted(groups, key=lambda k: (order[k], -k[1]))
     return [{"params": groups[k], "lr": k[0], "weight_decay": k[1]} for k in keys]
+
+
+def decayed_parameters(module: nn.Module, exclude_bias_and_norm: bool = True,
+                       no_decay: Iterable[str] | Callable[[str, nn.Parameter], bool] = ()) -> list[nn.Parameter]:
+    """The trainable parameters that weight decay (and L1) applies to: all but biases, normalisation layers'
+    parameters (by module type and name, with ``exclude_bias_and_norm``) and those named in ``no_decay``."""
+    skip = no_decay if callable(no_decay) else None
+    skip_names = [] if callable(no_decay) else list(no_decay)
+    kept: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for mod_name, sub in module.named_modules():
+        for p_name, p in sub.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            if not ((exclude_bias_and_norm and (isinstance(sub, NORM_LAYERS) or p_name == "bias"))
+                    or any(_matches(name, n) for n in skip_names) or (skip is not None and skip(name, p))):
+                kept.append(p)
+    return kept
 
 
 RULES = ("linear", "sqrt")

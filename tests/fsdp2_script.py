@@ -299,6 +299,41 @@ def case_finetune_and_scaling(out: Path) -> None:
     assert trained == [[False, False, True], [False, True, True], [True, True, True]], trained
 
 
+class SGDSharded(ShardedNet):
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def case_l1(out: Path) -> None:
+    from lightning_tricks import L1
+    from lightning_tricks.functional import elastic_net_prox_
+
+    # proximal: each rank shrinks its own shards with the formula, no collective; biases untouched
+    model = SGDSharded(lr=0.1)
+    l1 = L1(0.02, 0.01)
+    t = trainer(out, max_steps=3, log_every_n_steps=1, callbacks=[l1])
+    t.fit(model, data())
+    weights = [m.weight for m in model.net if hasattr(m, "weight")]
+    zeros = sum(int((w.to_local() == 0).sum()) for w in weights)
+    assert zeros > 0 and l1.sparsity == zeros / sum(w.to_local().numel() for w in weights)
+    shard = torch.tensor([0.5, -0.001, 0.003])
+    elastic_net_prox_([shard], 0.1, 0.02, 0.01)
+    assert torch.allclose(shard, torch.tensor([0.498 / 1.002, 0.0, 0.001 / 1.002]))
+    # loss: each rank adds the penalty of its own shards; one SGD step with it differs from one without by exactly
+    # -lr * l1 * sign(w) on every penalised weight (the data gradient, averaged over ranks, is the same in both)
+    after = []
+    for callbacks in ([], [L1(0.5, mode="loss")]):
+        pl.seed_everything(0, verbose=False)
+        model = SGDSharded(lr=0.1)
+        check = PhaseCheck()
+        trainer(out, max_steps=1, callbacks=[*callbacks, check]).fit(model, data())
+        after.append({k: v.to_local() for k, v in model.state_dict().items()})
+    start = check.states[0]
+    for key in after[0]:
+        expected = -0.1 * 0.5 * start[key].sign() if key.endswith("weight") else torch.zeros_like(start[key])
+        assert torch.allclose(after[1][key] - after[0][key], expected, atol=1e-6), key
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 if __name__ == "__main__":

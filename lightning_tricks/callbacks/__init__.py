@@ -8,6 +8,7 @@ from lightning_tricks.callbacks.early_stopping import EarlyStopping
 from lightning_tricks.callbacks.ema import EMA
 from lightning_tricks.callbacks.finetune import Finetune
 from lightning_tricks.callbacks.gradient_monitor import GradientMonitor, NonFiniteGradientError
+from lightning_tricks.callbacks.l1 import L1
 from lightning_tricks.callbacks.label_smoothing import LabelSmoothing
 from lightning_tricks.callbacks.lr_scaling import LRScaling
 from lightning_tricks.callbacks.mixup import Mixup
@@ -16,6 +17,7 @@ from lightning_tricks.callbacks.warmup_cosine import WarmupCosine
 
 __all__ = [
     "EMA",
+    "L1",
     "SWA",
     "Distillation",
     "EarlyStopping",

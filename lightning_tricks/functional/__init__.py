@@ -17,6 +17,7 @@ from lightning_tricks.functional.mixing import (
     sample_box,
     sample_lambda,
 )
+from lightning_tricks.functional.regularization import elastic_net_penalty, elastic_net_prox_
 from lightning_tricks.functional.schedules import (
     constant_with_warmup,
     linear_decay,
@@ -38,6 +39,8 @@ __all__ = [
     "cutmix",
     "decay_from_half_life",
     "distillation_loss",
+    "elastic_net_penalty",
+    "elastic_net_prox_",
     "ema_decay",
     "ema_update_",
     "expected_calibration_error",
