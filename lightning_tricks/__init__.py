@@ -14,8 +14,10 @@ from lightning_tricks.callbacks import (
     TrainingDoctor,
     WarmupCosine,
 )
+from lightning_tricks.drop_path import add_drop_path
 from lightning_tricks.ensemble import Ensemble
 from lightning_tricks.groups import param_groups, scaled_lr
+from lightning_tricks.init import init_weights
 from lightning_tricks.mixin import TricksMixin
 from lightning_tricks.recipe import adamw, recipe
 
@@ -37,6 +39,8 @@ __all__ = [
     "WarmupCosine",
     "__version__",
     "adamw",
+    "add_drop_path",
+    "init_weights",
     "param_groups",
     "recipe",
     "scaled_lr",

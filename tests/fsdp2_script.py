@@ -334,6 +334,35 @@ def case_l1(out: Path) -> None:
         assert torch.allclose(after[1][key] - after[0][key], expected, atol=1e-6), key
 
 
+class InitNet(ShardedNet):
+    """A wide layer initialised by init_weights in configure_model, before fully_shard."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv1d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 1024), nn.ReLU(),
+                                 nn.Linear(1024, 4))
+
+    def configure_model(self) -> None:
+        from lightning_tricks import init_weights
+
+        init_weights(self.net)
+        super().configure_model()
+
+
+class InitCheck(pl.Callback):
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        wide = pl_module.net[5].weight.full_tensor()  # fan_out 4: std sqrt(2 / 4)
+        assert abs(float(wide.std()) / math.sqrt(2 / 4) - 1) < 0.05, float(wide.std())
+        assert float(pl_module.net[3].bias.full_tensor().abs().sum()) == 0.0
+        both: list[Any] = [None, None]
+        dist.all_gather_object(both, wide.sum().item())
+        assert both[0] == both[1]  # every rank sees the same whole parameter
+
+
+def case_init_weights(out: Path) -> None:
+    trainer(out, max_steps=1, callbacks=[InitCheck()]).fit(InitNet(), data())
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 if __name__ == "__main__":
