@@ -35,11 +35,16 @@ def _matches(name: str, prefix: str) -> bool:
 def block_order(module: nn.Module) -> list[str]:
     """The model's layers from the bottom, as module names: its direct children that hold parameters, in the order
     they were registered, where a ``ModuleList`` or ``Sequential`` child counts each of its own children (``blocks.0``,
-    ``blocks.1``, ...).
+    ``blocks.1``, ...), and a module whose parameters all sit in one child is looked through (``net.conv1``, ...).
 
     Registration order is the order of ``__init__``, which for most models (timm's, torchvision's, a plain stack) is
     the order of the forward pass; pass ``layers=`` to :func:`param_groups` when it is not.
     """
+    holders = [(name, child) for name, child in module.named_children() if _has_parameters(child)]
+    if len(holders) == 1 and next(module.parameters(recurse=False), None) is None:
+        # a wrapper (a LightningModule around its `net`): look through it
+        name, child = holders[0]
+        return [f"{name}.{sub}" for sub in block_order(child)] or [name]
     names: list[str] = []
     for name, child in module.named_children():
         if isinstance(child, (nn.ModuleList, nn.Sequential)) and len(child) > 1:

@@ -95,6 +95,13 @@ def test_both_methods_train_the_same_weights_and_the_schedule_is_untouched() -> 
     assert recorders[0].lrs == recorders[1].lrs and len(recorders[0].lrs) == 24  # WarmupCosine's plan, one per step
 
 
+def test_a_backbone_frozen_for_the_whole_fit() -> None:
+    torch.manual_seed(0)
+    start = {k: v.clone() for k, v in Backboned().state_dict().items()}
+    _, snaps = fit(Finetune("backbone", unfreeze_at=None, train_bn=False), epochs=2)
+    assert not changed(start, snaps.states[-1], "backbone.") and changed(start, snaps.states[-1], "head.")
+
+
 def test_step_unit() -> None:
     torch.manual_seed(0)
     start = {k: v.clone() for k, v in Backboned().state_dict().items()}

@@ -50,6 +50,9 @@ def test_default_block_order_counts_only_layers_with_parameters() -> None:
     groups = param_groups(stack, lr=1.0, weight_decay=0.1, layer_decay=0.5)
     lrs = {id(p): g["lr"] for g in groups for p in g["params"]}
     assert lrs[id(stack[0].weight)] == 0.5 and lrs[id(stack[2].weight)] == 1.0  # bottom at decay x the top
+    wrapped = nn.Module()
+    wrapped.net = stack  # a LightningModule around its network is looked through
+    assert block_order(wrapped) == ["net.0", "net.2"]
 
 
 def test_multipliers_no_decay_and_frozen_parameters() -> None:

@@ -42,6 +42,7 @@ class Finetune(pl.Callback):
             unfreezing (``["features.0", "features.1", "features.2"]``); or one name; or a predicate
             ``(name, module) -> bool`` (the matching modules form one block).
         unfreeze_at: the epoch (or step, with ``unit="step"``) at which the top block is unfrozen; at least 1.
+            ``None`` keeps the backbone frozen for the whole fit (a linear probe, or a frozen feature extractor).
         unit: ``"epoch"`` or ``"step"`` (optimizer steps, ``trainer.global_step``).
         unfreeze_every: unfreeze one more block from the top every so many units after ``unfreeze_at``
             (ULMFiT); ``None`` unfreezes every block at ``unfreeze_at``.
@@ -56,13 +57,14 @@ class Finetune(pl.Callback):
             Finetune(["backbone.0", "backbone.1", "backbone.2"], unfreeze_at=2, unfreeze_every=1), WarmupCosine()])
     """
 
-    def __init__(self, backbone: Backbone, unfreeze_at: int = 1, *, unit: str = "epoch",
+    def __init__(self, backbone: Backbone, unfreeze_at: int | None = 1, *, unit: str = "epoch",
                  unfreeze_every: int | None = None, train_bn: bool = True, method: str = "auto") -> None:
         if not (callable(backbone) or isinstance(backbone, str) or (
                 isinstance(backbone, Sequence) and backbone and all(isinstance(n, str) for n in backbone))):
             raise TypeError(f"`backbone` must be a module name, a non-empty list of names or a predicate "
                             f"(name, module) -> bool, got {backbone!r}.")
-        check_number("unfreeze_at", unfreeze_at, low=1, integer=True)
+        if unfreeze_at is not None:
+            check_number("unfreeze_at", unfreeze_at, low=1, integer=True)
         check_choice("unit", unit, ("epoch", "step"))
         if unfreeze_every is not None:
             check_number("unfreeze_every", unfreeze_every, low=1, integer=True)
@@ -131,7 +133,7 @@ class Finetune(pl.Callback):
     # ------------------------------------------------------------------------------------------------ phases
     def blocks_to_unfreeze(self, now: int) -> int:
         """How many blocks, from the top, are trainable at epoch (or step) ``now``."""
-        if now < self.unfreeze_at:
+        if self.unfreeze_at is None or now < self.unfreeze_at:
             return 0
         if self.unfreeze_every is None:
             return len(self._blocks)
