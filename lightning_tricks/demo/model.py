@@ -54,3 +54,39 @@ class ConvBaseClassifier(Classifier):
     def __init__(self, channels: int = 25, lr: float = 1e-2, weight_decay: float = 0.01) -> None:
         super().__init__(ConvBase(channels=channels), lr=lr, weight_decay=weight_decay)
         self.save_hyperparameters()
+
+
+class ResidualBlock1d(nn.Module):
+    """Conv-BN-ReLU-Conv-BN with an identity shortcut; ``drop_path`` marks the branch for :func:`add_drop_path`."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm1d(channels)
+        self.conv2 = nn.Conv1d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm1d(channels)
+        self.drop_path: nn.Module = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        branch = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(x + self.drop_path(branch))
+
+    def zero_init_last(self) -> None:
+        """Start the block as the identity (``init_weights(..., zero_init_residual=True)``)."""
+        nn.init.zeros_(self.bn2.weight)
+
+
+class ResConv1d(nn.Module):
+    """A small 1D ResNet for MNIST-1D: a strided stem, ``depth`` residual blocks, global average pooling, a linear
+    head. Its layers from the bottom: ``stem``, ``blocks.0`` ... ``blocks.{depth-1}``, ``head``."""
+
+    def __init__(self, output_size: int = 10, channels: int = 32, depth: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv1d(1, channels, 5, stride=2, padding=2, bias=False), nn.BatchNorm1d(channels),
+                                  nn.ReLU())
+        self.blocks = nn.Sequential(*[ResidualBlock1d(channels) for _ in range(depth)])
+        self.head = nn.Linear(channels, output_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(self.stem(x.view(x.shape[0], 1, x.shape[-1])))
+        return self.head(x.mean(dim=-1))
