@@ -153,16 +153,18 @@ def param_groups(
 
 
 def decayed_parameters(module: nn.Module, exclude_bias_and_norm: bool = True,
-                       no_decay: Iterable[str] | Callable[[str, nn.Parameter], bool] = ()) -> list[nn.Parameter]:
-    """The trainable parameters that weight decay (and L1) applies to: all but biases, normalisation layers'
-    parameters (by module type and name, with ``exclude_bias_and_norm``) and those named in ``no_decay``."""
+                       no_decay: Iterable[str] | Callable[[str, nn.Parameter], bool] = (), *,
+                       trainable_only: bool = True) -> list[nn.Parameter]:
+    """The parameters that weight decay (and L1) applies to: all but biases, normalisation layers' parameters (by
+    module type and name, with ``exclude_bias_and_norm``) and those named in ``no_decay``; with ``trainable_only``,
+    frozen ones (``requires_grad=False``) are left out too."""
     skip = no_decay if callable(no_decay) else None
     skip_names = [] if callable(no_decay) else list(no_decay)
     kept: list[nn.Parameter] = []
     seen: set[int] = set()
     for mod_name, sub in module.named_modules():
         for p_name, p in sub.named_parameters(recurse=False):
-            if not p.requires_grad or id(p) in seen:
+            if (trainable_only and not p.requires_grad) or id(p) in seen:
                 continue
             seen.add(id(p))
             name = f"{mod_name}.{p_name}" if mod_name else p_name

@@ -115,12 +115,24 @@ def test_loss_mode_logs_its_penalty() -> None:
     assert float(trainer.callback_metrics["l1/penalty"]) == pytest.approx(float(want), rel=1e-6)  # before the step
 
 
-def test_frozen_parameters_are_not_shrunk() -> None:
-    model = TinyNet()
+class ConvAt(pl.Callback):
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.conv = pl_module.conv.weight.detach().clone()
+
+
+def test_frozen_parameters_are_not_shrunk_until_unfrozen() -> None:
+    model, at = TinyNet(), ConvAt()
     conv = model.conv.weight.detach().clone()
-    quiet_trainer(max_epochs=1, callbacks=[Finetune("conv", unfreeze_at=2), L1(0.5)]).fit(model, loader())
-    assert torch.equal(conv, model.conv.weight)
+    # Finetune before L1: the backbone is frozen when L1 collects its parameters, and still penalised once unfrozen
+    quiet_trainer(max_epochs=1, callbacks=[Finetune("conv", unfreeze_at=1), L1(0.5), at]).fit(model, loader())
+    assert torch.equal(conv, at.conv)  # epoch 0: frozen, untouched
     assert (model.head.weight == 0).float().mean() > 0.2  # the head, which trains, is shrunk
+    norms = []
+    for extra in ([], [L1(0.5)]):
+        torch.manual_seed(0)
+        quiet_trainer(max_epochs=2, callbacks=[Finetune("conv", unfreeze_at=1), *extra, at]).fit(TinyNet(), loader())
+        norms.append(float(at.conv.abs().sum()))
+    assert norms[1] < norms[0] - 0.5  # epoch 1: unfrozen, and shrunk (8 steps of 0.05 x 0.5 on 12 weights)
 
 
 class SameOnRanks(pl.Callback):

@@ -72,7 +72,8 @@ class L1(TrickCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        penalised = {id(p) for p in decayed_parameters(pl_module)}
+        # frozen ones too: Finetune may have frozen a backbone already, to unfreeze it later
+        penalised = {id(p) for p in decayed_parameters(pl_module, trainable_only=False)}
         self._params = [p for p in pl_module.parameters() if id(p) in penalised]
         if not self._params:
             raise ValueError(f"L1: {type(pl_module).__name__} has no weights to penalise (biases and normalisation "
