@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -66,7 +67,8 @@ def run(config: str, seed: int, epochs: int) -> dict[str, Any]:
     train, val, test = mnist1d_splits()
     pl.seed_everything(seed, verbose=False)
     model = Classifier(ConvBase(), lr=1e-2, weight_decay=0.01)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(default_root_dir=tempfile.mkdtemp(prefix="lt-bench-"),  # stop checkpoints, doctor reports
+                         max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          deterministic=True, callbacks=CONFIGS[config]())
     trainer.fit(model, DataLoader(train, batch_size=100, shuffle=True), DataLoader(val, batch_size=1000))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,7 +36,8 @@ from lightning_tricks.demo.model import Classifier, ConvBase
 def fit(model: Classifier, callbacks: list[pl.Callback], epochs: int, data: tuple, seed: int) -> float:
     pl.seed_everything(seed, verbose=False)
     train, test = data
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(default_root_dir=tempfile.mkdtemp(prefix="lt-bench-"),  # stop checkpoints, doctor reports
+                         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          callbacks=callbacks, deterministic=True)
     trainer.fit(model, DataLoader(train, batch_size=100, shuffle=True), DataLoader(test, batch_size=1000))

@@ -18,6 +18,7 @@ import argparse
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -83,7 +84,8 @@ def run(dataset: str, name: str, seed: int, epochs: int, data: tuple) -> float:
     train, val, test = data
     net = ConvBase() if dataset == "mnist1d" else small_cnn()
     model = Classifier(net, lr=1e-2 if dataset == "mnist1d" else 3e-3, weight_decay=0.01)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(default_root_dir=tempfile.mkdtemp(prefix="lt-bench-"),  # stop checkpoints, doctor reports
+                         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          callbacks=configs(dataset)[name], deterministic=True)
     batch = 100 if dataset == "mnist1d" else 64
