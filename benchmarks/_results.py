@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import statistics
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
@@ -20,3 +21,10 @@ def write_block(name: str, body: str, heading: str) -> Path:
         text += f"\n## {heading}\n\n{block}\n"
     RESULTS.write_text(text)
     return RESULTS
+
+
+def percent_spread(values: list[float]) -> str:
+    """Fractions as ``mean ± std`` in percent, over seeds (one value: the value alone)."""
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"

@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks._results import write_block
+from benchmarks._results import percent_spread, write_block
 from lightning_tricks import L1, WarmupCosine, add_drop_path, init_weights
 from lightning_tricks.demo.data import mnist1d_splits
 from lightning_tricks.demo.model import Classifier, ResConv1d
@@ -87,10 +87,6 @@ def main() -> None:
         results = {k: f.result() for k, f in futures.items()}
     wall = time.perf_counter() - start
 
-    def spread(values: list[float]) -> str:
-        return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 \
-            else f"{100 * values[0]:.1f}"
-
     base = "baseline (torch's default init)"
     lines = [
         f"Command: `python benchmarks/setup_ablation_mnist1d.py --seeds {' '.join(map(str, args.seeds))} --epochs "
@@ -106,7 +102,8 @@ def main() -> None:
         diffs = ", ".join(f"{100 * (results[(config, s)][1] - results[(base, s)][1]):+.1f}" for s in args.seeds)
         sparsity = [results[(config, s)][2] for s in args.seeds]
         note = f" (weights exactly 0: {100 * statistics.mean(sparsity):.0f} %)" if sparsity[0] is not None else ""
-        lines.append(f"| {config}{note} | {spread(vals)} | {spread(tests)} | {'-' if config == base else diffs} |")
+        diffs = "-" if config == base else diffs
+        lines.append(f"| {config}{note} | {percent_spread(vals)} | {percent_spread(tests)} | {diffs} |")
     table = "\n".join(lines)
     print(table)
     if not args.no_write:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks._results import write_block
+from benchmarks._results import percent_spread, write_block
 from lightning_tricks import Finetune, WarmupCosine, adamw
 from lightning_tricks.demo.data import mnist1d_splits
 from lightning_tricks.demo.model import Classifier, ResConv1d
@@ -154,14 +154,10 @@ def main() -> None:
         per_seed = {s: f.result() for s, f in futures.items()}
     wall = time.perf_counter() - start
 
-    def spread(values: list[float]) -> str:
-        return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 \
-            else f"{100 * values[0]:.1f}"
-
     lines = [
         f"Command: `python benchmarks/transfer_mnist1d.py --seeds {' '.join(map(str, args.seeds))} --per-class "
         f"{args.per_class}`; {wall:.0f} s on 2 CPU cores. Source: digits 0-4 (test accuracy of the pretrained "
-        f"model {spread([r['source'][1] for r in per_seed.values()])} %); target: digits 5-9, {args.per_class} "
+        f"model {percent_spread([r['source'][1] for r in per_seed.values()])} %); target: digits 5-9, {args.per_class} "
         f"training sequences per class. Mean ± std over {len(args.seeds)} seeds; the difference to `scratch` is "
         "paired by seed.",
         "",
@@ -173,7 +169,7 @@ def main() -> None:
         tests = [r[config][1] for r in per_seed.values()]
         diffs = [100 * (r[config][1] - r["scratch"][1]) for r in per_seed.values()]
         diff = "-" if config == "scratch" else ", ".join(f"{d:+.1f}" for d in diffs)
-        lines.append(f"| {config} | {spread(vals)} | {spread(tests)} | {diff} |")
+        lines.append(f"| {config} | {percent_spread(vals)} | {percent_spread(tests)} | {diff} |")
     lines += ["", f"![transfer, {args.per_class} per class](img/transfer_{args.per_class}.png)"]
     table = "\n".join(lines)
     print(table)
