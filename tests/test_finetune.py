@@ -167,7 +167,8 @@ class FrozenOutside(Backboned):
 @pytest.mark.parametrize(("make", "match"), [
     (lambda: Finetune(["backbone.7"]), r"`backbone`: \['backbone.7'\] match no module"),
     (lambda: Finetune(lambda n, m: False), "the predicate matches no module"),
-    (lambda: Finetune("backbone", unfreeze_at=0), r"`unfreeze_at` must be"),
+    (lambda: Finetune("backbone", unfreeze_at=0), r"`unfreeze_at=0` would unfreeze the backbone before any epoch"),
+    (lambda: Finetune("backbone", unfreeze_at=-2), r"`unfreeze_at` must be"),
     (lambda: Finetune("backbone", unfreeze_every=0), r"`unfreeze_every` must be"),
     (lambda: Finetune("backbone", unit="batch"), r"`unit`"),
     (lambda: Finetune("backbone", method="zero_lr"), r"`method`"),

@@ -63,9 +63,12 @@ class Finetune(pl.Callback):
                 isinstance(backbone, Sequence) and backbone and all(isinstance(n, str) for n in backbone))):
             raise TypeError(f"`backbone` must be a module name, a non-empty list of names or a predicate "
                             f"(name, module) -> bool, got {backbone!r}.")
-        if unfreeze_at is not None:
-            check_number("unfreeze_at", unfreeze_at, low=1, integer=True)
         check_choice("unit", unit, ("epoch", "step"))
+        if unfreeze_at is not None:
+            check_number("unfreeze_at", unfreeze_at, low=0, integer=True)
+            if unfreeze_at == 0:
+                raise ValueError(f"`unfreeze_at=0` would unfreeze the backbone before any {unit} was trained frozen: "
+                                 "give 1 or more, or leave Finetune out to train everything from the start.")
         if unfreeze_every is not None:
             check_number("unfreeze_every", unfreeze_every, low=1, integer=True)
         check_choice("method", method, ("auto", "requires_grad", "drop_grads"))
