@@ -170,6 +170,8 @@ def test_the_finder_callback_refuses_several_processes_and_bad_arguments() -> No
         LRFinder("best")
     with pytest.raises(ValueError, match=r"`min_lr` \(1.0\) must be smaller than `max_lr` \(0.1\)"):
         LRFinder(min_lr=1.0, max_lr=0.1)
+    with pytest.raises(ValueError, match="`num_steps`"):
+        LRFinder(num_steps=2)
 
 
 # ------------------------------------------------------------------------------- Optuna search

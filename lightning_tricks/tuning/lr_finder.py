@@ -287,6 +287,9 @@ class LRFinder(pl.Callback):
         check_number("max_lr", max_lr, low=0.0, low_open=True)
         if min_lr >= max_lr:
             raise ValueError(f"`min_lr` ({min_lr!r}) must be smaller than `max_lr` ({max_lr!r}).")
+        check_number("num_steps", num_steps, low=5, integer=True)
+        check_number("beta", beta, low=0.0, high=1.0, high_open=True)
+        check_number("divergence", divergence, low=1.0, low_open=True)
         self.choice = choice
         self.sweep_kwargs: dict[str, Any] = dict(min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, beta=beta,
                                                  divergence=divergence)
