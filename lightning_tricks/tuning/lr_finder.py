@@ -133,6 +133,16 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> tuple[float | No
     return valley, steep, minimum, not notes, notes
 
 
+def _check_sweep(min_lr: float, max_lr: float, num_steps: int, beta: float, divergence: float) -> None:
+    check_number("min_lr", min_lr, low=0.0, low_open=True)
+    check_number("max_lr", max_lr, low=0.0, low_open=True)
+    if min_lr >= max_lr:
+        raise ValueError(f"`min_lr` ({min_lr!r}) must be smaller than `max_lr` ({max_lr!r}).")
+    check_number("num_steps", num_steps, low=5, integer=True)
+    check_number("beta", beta, low=0.0, high=1.0, high_open=True)
+    check_number("divergence", divergence, low=1.0, low_open=True)
+
+
 class _Sweep(pl.Callback):
     """Sets the sweep's lrs, records the loss of each optimizer step, stops on divergence, restores the weights."""
 
@@ -228,13 +238,7 @@ def lr_find(
             ``accumulate_grad_batches``, ...): the lr is stepped per optimizer step; under several processes the loss
             of each step is averaged over ranks.
     """
-    check_number("min_lr", min_lr, low=0.0, low_open=True)
-    check_number("max_lr", max_lr, low=0.0, low_open=True)
-    if min_lr >= max_lr:
-        raise ValueError(f"`min_lr` ({min_lr!r}) must be smaller than `max_lr` ({max_lr!r}).")
-    check_number("num_steps", num_steps, low=5, integer=True)
-    check_number("beta", beta, low=0.0, high=1.0, high_open=True)
-    check_number("divergence", divergence, low=1.0, low_open=True)
+    _check_sweep(min_lr, max_lr, num_steps, beta, divergence)
     tricks = [cb for cb in callbacks if isinstance(cb, TrickCallback)]
     saved_states = [cb.state_dict() for cb in tricks]
     sweep = _Sweep(min_lr, max_lr, num_steps, beta, divergence)
@@ -283,13 +287,7 @@ class LRFinder(pl.Callback):
     def __init__(self, choice: str = "steep", *, min_lr: float = 1e-7, max_lr: float = 1.0, num_steps: int = 100,
                  beta: float = 0.98, divergence: float = 4.0) -> None:
         check_choice("choice", choice, CHOICES)
-        check_number("min_lr", min_lr, low=0.0, low_open=True)
-        check_number("max_lr", max_lr, low=0.0, low_open=True)
-        if min_lr >= max_lr:
-            raise ValueError(f"`min_lr` ({min_lr!r}) must be smaller than `max_lr` ({max_lr!r}).")
-        check_number("num_steps", num_steps, low=5, integer=True)
-        check_number("beta", beta, low=0.0, high=1.0, high_open=True)
-        check_number("divergence", divergence, low=1.0, low_open=True)
+        _check_sweep(min_lr, max_lr, num_steps, beta, divergence)
         self.choice = choice
         self.sweep_kwargs: dict[str, Any] = dict(min_lr=min_lr, max_lr=max_lr, num_steps=num_steps, beta=beta,
                                                  divergence=divergence)
