@@ -1,19 +1,22 @@
-"""``TricksMixin``: the seam through which callbacks change the training batch and the loss.
+"""``TricksMixin``: the seam through which callbacks change the training inputs and the loss.
 
-Write ``class Net(TricksMixin, L.LightningModule)``. The mixin gives
+Write ``class Net(TricksMixin, L.LightningModule)`` (or ``class Net(TricksMixin, TheirModule)``). The mixin gives
 
-* a batch seam: once a training batch of ``fit`` reaches the device, the mixin turns its targets into float32
-  ``(N, K)`` soft targets and hands ``(x, soft_y)`` to each trick callback's ``transform_batch`` (label smoothing,
-  mixup), in ascending ``order``. The training step then receives ``(x, soft_y)``. Nothing happens in the sanity check,
-  validation, test or predict, nor when no trick callback changes the batch;
-* :meth:`TricksMixin.tricks_loss`: cross-entropy of the logits against the targets it is given (class indices or soft
-  targets), in float32 for soft targets, then each trick's ``transform_loss`` (distillation). With no trick attached
-  it is exactly ``F.cross_entropy(logits, target)``;
+* a batch seam: once a training batch of ``fit`` reaches the device, each trick callback's ``transform_batch`` may
+  change the inputs (mixup) and records in a :class:`~lightning_tricks.functional.TargetPlan` what happens to the
+  targets in the loss (label smoothing, the mixing partners and weights). **The targets stay the user's**: the
+  training step receives them as the loader gave them (same values, dtype and shape), so its own metrics work.
+  Nothing happens in the sanity check, validation, test or predict;
+* :meth:`TricksMixin.tricks_loss`: the cross-entropy of the logits against the targets under the batch's plan
+  (:func:`~lightning_tricks.functional.cross_entropy`: from class indices of any shape torch takes, one
+  log-softmax, no ``(N, K)`` target), then each trick's ``transform_loss`` (distillation). With no trick attached it
+  is exactly ``F.cross_entropy(logits, target, ignore_index=ignore_index)``;
 * default ``training_step``/``validation_step``/``test_step`` for ``(x, y)`` classification batches, logging
-  ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``test_loss`` and ``test_acc``.
+  ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ``test_loss`` and ``test_acc``, for modules that have
+  none: a step defined by a class after the mixin (``TheirModule.training_step``) is the one that runs.
 
-A user may override any step and still call ``self.tricks_loss(logits, y)``. A training batch that a trick changed
-and that never reached ``tricks_loss`` is an error (its targets would be left unmixed).
+A training batch that a trick acted on and whose loss never reached ``tricks_loss`` is an error (the tricks would be
+silently left out).
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Any
 
-import torch.nn.functional as F
+import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import RunningStage
 from torch import Tensor
 
 from lightning_tricks._compat import attached_trainer
-from lightning_tricks.functional.targets import soft_cross_entropy, to_soft_targets
+from lightning_tricks.functional.targets import TargetPlan, class_dim_of, cross_entropy
 
 if TYPE_CHECKING:
     from lightning_tricks.callbacks._base import TrickCallback
@@ -43,11 +46,13 @@ warnings.filterwarnings(
 # Per stage of the default steps: the logged keys, and whether it is an evaluation stage (progress bar, synced).
 _STEP_KEYS = {"train": ("train_loss", "train_acc", False), "val": ("val_loss", "val_acc", True),
               "test": ("test_loss", "test_acc", True)}
+_STEPS = ("training_step", "validation_step", "test_step")
+_NO_PLAN = TargetPlan()
 _OUT_OF_SCOPE = (
-    "The default loss is a softmax cross-entropy for single-label classification (class indices, or class "
-    "probabilities whose rows sum to 1). For regression, binary with one logit or multi-label targets, write your own "
-    "training_step with your loss: WarmupCosine, GradientMonitor, EarlyStopping and TrainingDoctor work with any loss; "
-    "LabelSmoothing, Mixup and Distillation need tricks_loss."
+    "The tricks' loss is a softmax cross-entropy over classes (class indices of any shape torch's cross-entropy "
+    "takes, or class probabilities). For regression, binary with one logit or multi-label targets, keep your own "
+    "loss and leave LabelSmoothing, Mixup and Distillation out (`recipe(label_smoothing=0, mixup=None)`): "
+    "WarmupCosine, GradientMonitor, EarlyStopping, EMA/SWA and TrainingDoctor work with any loss."
 )
 
 
@@ -55,21 +60,24 @@ class TricksMixin:
     """Mix into a ``LightningModule`` (put it first: ``class Net(TricksMixin, L.LightningModule)``).
 
     Attributes:
-        num_classes: the class count ``K`` of the soft targets that batch tricks (label smoothing, mixup) need before
-            the forward pass. Set it on the module (``self.num_classes = 10``, or a ``num_classes`` hyper-parameter),
-            or pass ``num_classes`` to one of those callbacks.
-        ignore_index: index targets equal to it are left out of the loss and the accuracy; ``None`` (the default)
-            means every sample counts (without tricks the loss is then ``F.cross_entropy``, which still ignores
-            PyTorch's default ``-100``). Set it for padding, e.g. ``ignore_index = -100``.
+        num_classes: optional. The class count is read from the logits; when the module says it (an attribute, or
+            a ``num_classes`` hyper-parameter), a head with another count is an error.
+        ignore_index: index targets equal to it count nowhere (loss and accuracy), as in ``F.cross_entropy``;
+            PyTorch's ``-100`` by default; ``None`` makes every target count.
         tricks_progress_bar_loss: show the step's ``train_loss`` in the progress bar. Off by default: Lightning
             reads progress-bar values on the host every step (a host-device sync per step on a GPU).
     """
 
     num_classes: int | None = None
-    ignore_index: int | None = None
+    ignore_index: int | None = -100
     tricks_progress_bar_loss: bool = False
 
-    # ----------------------------------------------------------------------------------- which tricks, which K
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_method_order(cls)
+        _adopt_existing_steps(cls)
+
+    # ----------------------------------------------------------------------------------- which tricks
     def tricks_callbacks(self) -> list[TrickCallback]:
         """The trick callbacks of ``trainer.callbacks`` in seam order, while fitting a training batch; else ``[]``."""
         from lightning_tricks.callbacks._base import TrickCallback
@@ -81,26 +89,6 @@ class TricksMixin:
             return []
         return sorted((cb for cb in trainer.callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
 
-    def tricks_num_classes(self, tricks: list[TrickCallback]) -> int:
-        """The class count for the soft targets: a trick's ``num_classes`` argument, else the module's."""
-        for cb in tricks:
-            if getattr(cb, "num_classes", None) is not None:
-                return int(cb.num_classes)  # type: ignore[attr-defined]
-        k = self.num_classes
-        if k is None:
-            hparams = getattr(self, "hparams", {})
-            k = hparams.get("num_classes") if hasattr(hparams, "get") else None
-        if k is None:
-            names = ", ".join(type(cb).__name__ for cb in tricks if cb.has_batch_transform)
-            raise ValueError(
-                f"{names} build soft targets before the forward pass and need the class count: set `num_classes` on "
-                f"the module (`self.num_classes = 10`, or a `num_classes` hyper-parameter) or pass it to the callback "
-                "(`LabelSmoothing(0.1, num_classes=10)`). If your loss is not a softmax cross-entropy over classes "
-                "(regression, binary with one logit, multi-label), leave them out: `recipe(label_smoothing=0, "
-                "mixup=None)`."
-            )
-        return int(k)
-
     # ----------------------------------------------------------------------------------- batch layout
     def tricks_unpack(self, batch: Any) -> tuple[Tensor, Tensor]:
         """Split a batch into ``(inputs, targets)``. Override for other batch layouts."""
@@ -110,127 +98,164 @@ class TricksMixin:
             return batch["x"], batch["y"]
         shape = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else "")
         raise ValueError(
-            f"the default steps of TricksMixin expect a batch `(x, y)` (a list/tuple of 2 tensors) or a dict with "
-            f"keys 'x' and 'y', got a {shape}; override `tricks_unpack`/`tricks_pack` or the steps."
+            f"TricksMixin expects a batch `(x, y)` (a list/tuple of 2 tensors) or a dict with keys 'x' and 'y', got "
+            f"a {shape}. Write your own training_step for it (call `self.tricks_loss(logits, y)` where label "
+            "smoothing or distillation should apply), or override `tricks_unpack`/`tricks_pack`; tricks that need "
+            "(x, y) samples (Mixup, Distillation) do not fit batches that are not (RL transitions, say): leave them "
+            "out (`recipe(label_smoothing=0, mixup=None)`)."
         )
 
     def tricks_pack(self, batch: Any, x: Tensor, y: Tensor) -> Any:
-        """Put transformed ``(x, y)`` back into a batch of the same layout as ``batch``."""
+        """Put transformed inputs ``x`` (and the unchanged ``y``) back into a batch of ``batch``'s layout."""
         if isinstance(batch, dict):
             return {**batch, "x": x, "y": y}
         return type(batch)((x, y)) if isinstance(batch, tuple) else [x, y]
 
-    # ----------------------------------------------------------------------------------- soft targets
-    def tricks_soft_targets(self, target: Tensor, num_classes: int) -> Tensor:
-        """The float32 ``(N, K)`` soft targets of ``target`` (class indices, or class probabilities): the one place
-        they are built. Rows of ``ignore_index`` are all zero."""
-        if target.is_floating_point():
-            self._tricks_check_probabilities(target, num_classes)
-            return target.float()
-        if target.ndim != 1:
-            raise ValueError(f"class-index targets must have shape (N,), got {tuple(target.shape)}. {_OUT_OF_SCOPE}")
-        return to_soft_targets(target, num_classes, self.ignore_index)
-
-    def _tricks_check_probabilities(self, target: Tensor, num_classes: int) -> None:
-        """Float targets must be ``(N, K)`` class probabilities: the shape on every call, the row sums (a host read)
-        once per fit (the flag is reset by the trick callbacks' ``setup``)."""
-        if target.ndim != 2 or target.shape[-1] != num_classes:
-            raise ValueError(
-                f"float targets must be class probabilities of shape (N, {num_classes}), got a {target.dtype} tensor "
-                f"of shape {tuple(target.shape)}. {_OUT_OF_SCOPE}"
+    def tricks_inputs(self) -> Tensor:
+        """The inputs of the current training batch, as the model sees them (after the batch tricks)."""
+        x = self.__dict__.get("_tricks_x")
+        if x is None:
+            raise RuntimeError(
+                "no training inputs are known for this batch: the batch did not go through TricksMixin's "
+                "on_after_batch_transfer as an (x, y) pair (override `tricks_unpack`, and call super() in your "
+                "own on_after_batch_transfer)."
             )
-        if self.__dict__.get("_tricks_rows_checked"):
-            return
-        sums = target.float().sum(dim=-1)
-        low = 0.0 if self.ignore_index is not None else 1.0 - 1e-3  # ignored samples are all-zero rows
-        bad = (sums < low) | (sums > 1.0 + 1e-3) | (target < 0).any(dim=-1)
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"float targets must be class probabilities (non-negative rows that sum to 1), but row {row} sums to "
-                f"{float(sums[row]):.4g}: multi-label 0/1 targets are not soft targets. {_OUT_OF_SCOPE}"
-            )
-        self.__dict__["_tricks_rows_checked"] = True
+        return x
 
     # ----------------------------------------------------------------------------------- the seam
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Run the trick callbacks' batch transforms on a training batch of ``fit``."""
         batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]
         state = self.__dict__  # plain attributes: nn.Module.__setattr__ would look through parameters first
-        state["_tricks_x"], state["_tricks_pending"] = None, False
         tricks = self.tricks_callbacks()
+        tricks = [cb for cb in tricks if cb.has_batch_transform or cb.has_loss_transform]
+        state["_tricks_x"], state["_tricks_plan"], state["_tricks_pending"] = None, _NO_PLAN, bool(tricks)
+        state["_tricks_seam"] = True
         if not tricks:
             return batch
-        x, y = self.tricks_unpack(batch)
-        state["_tricks_x"] = x  # the inputs the model sees, for the loss transforms
-        batch_tricks = [cb for cb in tricks if cb.has_batch_transform]
-        if not batch_tricks:
-            return batch
-        soft_y = self.tricks_soft_targets(y, self.tricks_num_classes(tricks))
-        for cb in batch_tricks:
-            x, soft_y = cb.transform_batch(self, x, soft_y)
-        state["_tricks_x"], state["_tricks_pending"] = x, True
-        return self.tricks_pack(batch, x, soft_y)
+        try:
+            x, y = self.tricks_unpack(batch)
+        except ValueError:
+            x, y = None, None  # not an (x, y) pair: tricks that need the inputs say so
+        x_in, plan = x, _NO_PLAN
+        for cb in tricks:
+            if cb.has_batch_transform:
+                x, plan = cb.transform_batch(self, x, plan)
+        state["_tricks_x"], state["_tricks_plan"] = x, plan
+        if x is not x_in:
+            return self.tricks_pack(batch, x, y)  # type: ignore[arg-type]
+        return batch
+
+    def tricks_check_seam(self, trick: TrickCallback) -> None:
+        """Raise if the current training batch did not pass through :meth:`on_after_batch_transfer` (an override
+        that does not call ``super()``): the tricks would act on the previous batch's record. Called by the trick
+        callbacks at each training batch's start."""
+        if not self.__dict__.get("_tricks_seam"):
+            raise RuntimeError(
+                f"{type(trick).__name__} acts through TricksMixin.on_after_batch_transfer, but this training batch "
+                f"did not pass through it: {type(self).__name__}.on_after_batch_transfer must call "
+                "`batch = super().on_after_batch_transfer(batch, dataloader_idx)`."
+            )
 
     def tricks_check_consumed(self) -> None:
-        """Raise if the current training batch was changed by a trick and its loss did not go through
-        :meth:`tricks_loss` (called by the trick callbacks before backward)."""
-        if self.__dict__.get("_tricks_pending"):
-            self.__dict__["_tricks_pending"] = False
-            names = ", ".join(type(cb).__name__ for cb in self.tricks_callbacks() if cb.has_batch_transform)
+        """Raise if tricks act on the current training batch and its loss did not go through :meth:`tricks_loss`
+        (called by the trick callbacks before backward)."""
+        state = self.__dict__
+        state["_tricks_seam"] = False  # the next batch must pass through the seam again
+        if state.get("_tricks_pending"):
+            state["_tricks_pending"] = False
+            names = ", ".join(type(cb).__name__ for cb in self.tricks_callbacks()
+                              if cb.has_batch_transform or cb.has_loss_transform)
             raise RuntimeError(
-                f"{names} changed this training batch (its inputs and soft targets), but its loss was not computed "
-                "with `self.tricks_loss(logits, y)`: the targets your loss used may not match the mixed inputs. "
-                f"Compute the loss with `self.tricks_loss(self(x), y)` in training_step, or remove {names}. "
-                f"{_OUT_OF_SCOPE}"
+                f"{names}: the training loss must go through `self.tricks_loss(logits, y)`, which applies them, but "
+                "this step's loss did not, so they would be silently left out (and mixed inputs trained against "
+                f"unmixed targets). Compute the loss with `self.tricks_loss(logits, y)` in training_step, or remove "
+                f"{names}. {_OUT_OF_SCOPE}"
             )
 
     # ----------------------------------------------------------------------------------- the loss
-    def tricks_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Cross-entropy of ``logits`` against ``target``, then the trick callbacks' loss transforms.
+    def tricks_loss(self, logits: Tensor, target: Tensor, class_dim: int | None = None) -> Tensor:
+        """Cross-entropy of ``logits`` against ``target`` with the tricks of this training batch, then the trick
+        callbacks' loss transforms.
 
-        ``target`` is class indices ``(N,)`` (then ``F.cross_entropy(logits, target)``, exactly what a plain module
-        computes) or float class probabilities ``(N, K)``, as the batch seam hands them to the training step (then
-        the cross-entropy is computed in float32 whatever the precision). While fitting the training batches, loss
-        tricks (distillation) then combine it with their own terms.
+        ``target`` is the batch's targets as the loader gave them: class indices of any shape torch's cross-entropy
+        takes (``(N,)`` with ``(N, C)`` logits, ``(N, d1, ...)`` with ``(N, C, d1, ...)``, or class-last ``(N, L, C)``
+        logits with ``(N, L)`` targets), or class probabilities of the logits' shape. Positions equal to
+        ``ignore_index`` count nowhere. Label smoothing and mixing are applied here, computed in float32 from the
+        indices (see :func:`~lightning_tricks.functional.cross_entropy`); outside training batches of ``fit`` (and
+        with no trick attached) this is ``F.cross_entropy(logits, target, ignore_index=ignore_index)``.
+
+        Args:
+            logits: the model's scores.
+            target: the targets.
+            class_dim: the logits' class dimension, 1 or -1; needed only when both fit (``(N, L, L)`` logits).
         """
-        if logits.ndim < 2 or logits.shape[-1] < 2:
+        state = self.__dict__
+        tricks = self.tricks_callbacks()
+        dim = class_dim_of(logits, target, class_dim)
+        if logits.shape[dim] < 2:
             raise ValueError(
-                f"tricks_loss takes (N, K) logits with K >= 2 classes, got shape {tuple(logits.shape)}. {_OUT_OF_SCOPE}"
+                f"tricks_loss takes logits with at least 2 classes, got shape {tuple(logits.shape)} (classes on "
+                f"dimension {dim}). {_OUT_OF_SCOPE}"
             )
-        num_classes = logits.shape[-1]
+        self._tricks_check_class_count(logits.shape[dim], tricks)
+        plan = state.get("_tricks_plan", _NO_PLAN) if tricks else _NO_PLAN
         if target.is_floating_point():
-            if target.ndim == 2 and target.shape[0] == logits.shape[0] and target.shape[-1] != num_classes:
-                raise ValueError(
-                    f"the soft targets have {target.shape[-1]} classes (`num_classes`) but the head outputs "
-                    f"{num_classes} logits: they must match."
-                )
-            self._tricks_check_probabilities(target, num_classes)
-            loss = soft_cross_entropy(logits, target, self.ignore_index)
-        else:
-            loss = soft_cross_entropy(logits, target, self.ignore_index) if self.ignore_index is not None \
-                else _index_cross_entropy(logits, target)
-        self.__dict__["_tricks_pending"] = False
-        tricks = [cb for cb in self.tricks_callbacks() if cb.has_loss_transform]
-        if tricks:
-            soft_y = target.float() if target.is_floating_point() else self.tricks_soft_targets(target, num_classes)
-            x = self.__dict__.get("_tricks_x")
-            for cb in tricks:
-                loss = cb.transform_loss(self, x, logits, soft_y, loss)
+            self._tricks_check_probabilities(target, dim)
+        loss = cross_entropy(logits, target, smoothing=plan.smoothing, convention=plan.convention, mix=plan.mix,
+                             ignore_index=self.ignore_index, class_dim=dim)
+        state["_tricks_pending"] = False
+        for cb in tricks:
+            if cb.has_loss_transform:
+                loss = cb.transform_loss(self, logits, target, loss)
         return loss
+
+    def _tricks_check_class_count(self, found: int, tricks: list[TrickCallback]) -> None:
+        """When the module or a trick states the class count, the head must output that many logits."""
+        said = [(f"{type(cb).__name__}(num_classes={cb.num_classes})", cb.num_classes)  # type: ignore[attr-defined]
+                for cb in tricks if getattr(cb, "num_classes", None) is not None]
+        k = self.num_classes
+        if k is None:
+            hparams = getattr(self, "hparams", None)
+            k = hparams.get("num_classes") if hasattr(hparams, "get") else None
+        if k is not None:
+            said.append((f"{type(self).__name__}.num_classes = {k}", k))
+        for where, count in said:
+            if int(count) != found:
+                raise ValueError(
+                    f"{where}, but the logits have {found} classes: the head's output size and the class count must "
+                    "match (the class count is read from the logits; `num_classes` only checks it)."
+                )
+
+    def _tricks_check_probabilities(self, target: Tensor, dim: int) -> None:
+        """Float targets must be class probabilities: rows that sum to 1, checked once per fit (a host read)."""
+        trainer = attached_trainer(self)  # type: ignore[arg-type]
+        fit_id = id(trainer)
+        if self.__dict__.get("_tricks_rows_checked") == fit_id:
+            return
+        sums = target.float().sum(dim=dim)
+        bad = ((sums - 1.0).abs() > 1e-3) | (target < 0).any(dim=dim)
+        if bool(bad.any()):
+            worst = float(sums.flatten()[bad.flatten().nonzero()[0, 0]])
+            raise ValueError(
+                f"float targets must be class probabilities (non-negative, summing to 1 over the classes on dimension "
+                f"{dim}), but one sums to {worst:.4g}: multi-label 0/1 targets are not class probabilities. "
+                f"{_OUT_OF_SCOPE}"
+            )
+        self.__dict__["_tricks_rows_checked"] = fit_id
 
     # ----------------------------------------------------------------------------------- default steps
     def _tricks_step(self, batch: Any, stage: str) -> Tensor:
         x, y = self.tricks_unpack(batch)
         logits = self(x)  # type: ignore[operator]
         loss = self.tricks_loss(logits, y)
-        # Accuracy against the dominant class of the (possibly mixed) target.
-        hard = y.argmax(dim=-1) if y.is_floating_point() else y
-        correct = (logits.argmax(dim=-1) == hard).float()
-        if self.ignore_index is None:
+        dim = class_dim_of(logits, y)
+        hard = y.argmax(dim=dim) if y.is_floating_point() else y
+        correct = (logits.argmax(dim=dim) == hard).float()
+        if self.ignore_index is None or y.is_floating_point():
             acc = correct.mean()
         else:
-            active = y.sum(dim=-1) > 0 if y.is_floating_point() else hard != self.ignore_index
+            active = hard != self.ignore_index
             acc = (correct * active).sum() / active.sum().clamp_min(1)
         loss_key, acc_key, evaluating = _STEP_KEYS[stage]
         n = x.shape[0]
@@ -241,7 +266,7 @@ class TricksMixin:
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Forward, :meth:`tricks_loss`, log ``train_loss`` and ``train_acc``."""
+        """Forward, :meth:`tricks_loss`, log ``train_loss`` and ``train_acc`` (accuracy against the loader's ``y``)."""
         return self._tricks_step(batch, "train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -253,18 +278,32 @@ class TricksMixin:
         return self._tricks_step(batch, "test")
 
 
-def _index_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """``F.cross_entropy(logits, target)``; a target outside the head's classes gets an error that names both."""
-    try:
-        return F.cross_entropy(logits, target)
-    except (IndexError, RuntimeError) as error:
-        if target.ndim == 1 and target.numel() and logits.ndim == 2:
-            bad = target[(target < 0) | (target >= logits.shape[-1])]
-            if bad.numel():
-                raise ValueError(
-                    f"target class {int(bad[0])} is out of range for logits of {logits.shape[-1]} classes: class "
-                    f"indices must be in [0, {logits.shape[-1]}). Does the head have fewer outputs than the data has "
-                    "classes?"
-                ) from None
-        raise error
+def _is_lightning_base(cls: type) -> bool:
+    """Lightning's own ``LightningModule`` (and its hook classes): their steps are placeholders, not a user's."""
+    return cls.__module__.startswith(("lightning.pytorch.core", "pytorch_lightning.core"))
 
+
+def _check_method_order(cls: type) -> None:
+    """The mixin must come before ``LightningModule`` in the method order, or Lightning's hooks hide its seam."""
+    mro = cls.__mro__
+    if pl.LightningModule in mro and mro.index(pl.LightningModule) < mro.index(TricksMixin):
+        raise TypeError(
+            f"{cls.__name__}: TricksMixin must come before LightningModule in the bases (Lightning's own "
+            f"on_after_batch_transfer would hide the mixin's): write `class {cls.__name__}(TricksMixin, ...)`, the "
+            "mixin first."
+        )
+
+
+def _adopt_existing_steps(cls: type) -> None:
+    """Give ``cls`` the steps that a class after the mixin defines (``class Net(TricksMixin, TheirModule)`` runs
+    ``TheirModule.training_step``, not the mixin's default). The function itself is taken, so Lightning sees its
+    signature (``training_step(self, batch)`` gets no ``batch_idx``)."""
+    mro = cls.__mro__
+    after = mro[mro.index(TricksMixin) + 1:]
+    for name in _STEPS:
+        owner = next(k for k in mro if name in vars(k))
+        if owner is not TricksMixin:
+            continue  # defined before the mixin (by the user's class), or adopted already
+        theirs = next((k for k in after if name in vars(k)), None)
+        if theirs is not None and not _is_lightning_base(theirs):
+            setattr(cls, name, vars(theirs)[name])

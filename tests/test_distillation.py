@@ -58,8 +58,9 @@ class Probe(TinyNet):
         x, y = batch
         logits = self(x)
         loss = self.tricks_loss(logits, y)
+        mix = next((cb for cb in self.trainer.callbacks if isinstance(cb, Mixup)), None)
         self.records.append(dict(x=x.detach().clone(), y=y, logits=logits.detach().float(), loss=loss.detach(),
-                                 target=y))
+                                 draw=None if mix is None else mix.last_draw))
         return loss
 
 
@@ -113,10 +114,13 @@ def test_trainer_loss_teacher_and_checkpoint(precision: str, accumulate: int, tm
     for r in model.records:
         with torch.no_grad():
             t_logits = teacher(r["x"])  # the teacher saw the same, mixed, input
-        want = distillation_loss(r["logits"], t_logits.float(), r["target"], 2.0, 0.6)
+        lam, index = r["draw"]
+        soft = smooth_targets(r["y"], 4, 0.1)
+        target = lam * soft + (1 - lam) * soft[index]  # the smoothed, mixed target of the hard term
+        want = distillation_loss(r["logits"], t_logits.float(), target, 2.0, 0.6)
         tol = 1e-5 if precision == "32" else 5e-2  # autocast rounds the teacher's logits to half precision
         assert abs(r["loss"].item() - want.item()) <= tol * max(1.0, abs(want.item()))
-        assert r["target"].dtype == torch.float32
+        assert r["y"].dtype == torch.int64
     assert {"distill/soft", "distill/hard"} <= set(trainer.callback_metrics)
     # the student's checkpoint has exactly a plain student's keys and size
     path = os.path.join(tmp_path, "student.ckpt")
@@ -157,7 +161,8 @@ class WrongTeacher(nn.Module):
 
 
 def test_output_shape_mismatch_is_named_on_the_first_batch() -> None:
-    with pytest.raises(ValueError, match=r"teacher's logits have shape \(8, 7\) but the student's have shape \(8, 4\)"):
+    with pytest.raises(ValueError, match=r"teacher \(WrongTeacher\) returned logits of shape \(8, 7\) for inputs of shape "
+                                         r"\(8, 1, 16\), but the student's are \(8, 4\)"):
         quiet_trainer(max_steps=2, callbacks=[Distillation(WrongTeacher())]).fit(TinyNet(), loader())
 
 

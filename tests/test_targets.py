@@ -97,11 +97,11 @@ def test_soft_cross_entropy_is_float32_under_bf16() -> None:
         (lambda: smooth_targets(torch.tensor([0]), 3, 1.0), ValueError, r"`smoothing` must be in \[0.0, 1.0\)"),
         (lambda: smooth_targets(torch.tensor([0]), 3, -0.1), ValueError, "`smoothing`"),
         (lambda: smooth_targets(torch.tensor([0]), 3, 0.1, "tf"), ValueError, "`convention` must be one of"),
-        (lambda: smooth_targets(torch.tensor([3]), 3, 0.1), ValueError, r"target index 3 is out of range.*\[0, 3\)"),
-        (lambda: smooth_targets(torch.tensor([-1]), 3, 0.1), ValueError, "target index -1"),
+        (lambda: smooth_targets(torch.tensor([3]), 3, 0.1), ValueError, r"target class 3 is out of range.*\[0, 3\)"),
+        (lambda: smooth_targets(torch.tensor([-1]), 3, 0.1), ValueError, "target class -1"),
         (lambda: to_soft_targets(torch.tensor([0.0, 1.0]), 3), TypeError, "expected class indices"),
         (lambda: to_soft_targets(torch.ones(2, 5), 3), ValueError, r"shape \(N, 3\)"),
-        (lambda: soft_cross_entropy(torch.randn(2, 3), torch.tensor([0, 5])), ValueError, "target index 5"),
+        (lambda: soft_cross_entropy(torch.randn(2, 3), torch.tensor([0, 5])), ValueError, "target class 5"),
     ],
 )
 def test_bad_input(call, error: type, match: str) -> None:  # type: ignore[no-untyped-def]

@@ -61,7 +61,7 @@ class LrSpy(TrickCallback):
     def __init__(self) -> None:
         self.seen: list[list[float]] = []
 
-    def transform_loss(self, pl_module: Any, x: Any, logits: Any, soft_y: Any, loss: torch.Tensor) -> torch.Tensor:
+    def transform_loss(self, pl_module: Any, logits: Any, target: Any, loss: torch.Tensor) -> torch.Tensor:
         self.seen.append([g["lr"] for g in pl_module.trainer.optimizers[0].param_groups])
         return loss
 

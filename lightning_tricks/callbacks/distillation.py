@@ -32,7 +32,7 @@ class Distillation(TrickCallback):
 
     .. math:: \alpha\, T^2\, \mathrm{KL}(\mathrm{softmax}(t/T) \,\|\, \mathrm{softmax}(s/T)) + (1 - \alpha)\,\ell_{hard}
 
-    where :math:`\ell_{hard}` is the mixin's loss on the effective targets (label-smoothed and/or mixed when those
+    where :math:`\ell_{hard}` is the mixin's loss on the batch's targets (label-smoothed and/or mixed when those
     tricks are attached), and the teacher sees the inputs the student saw (mixed, when mixup is on): it runs in the
     loss transform, inside the training step (so under the precision plugin's autocast) and under ``torch.no_grad()``.
     Validation and test keep the plain loss. The soft and hard parts are logged as ``distill/soft`` and
@@ -110,16 +110,23 @@ class Distillation(TrickCallback):
         self.teacher.eval()  # cheap insurance against user code that calls .train() on everything it can reach
 
     @override
-    def transform_loss(self, pl_module: TricksMixin, x: Tensor, logits: Tensor, soft_y: Tensor,
-                       loss: Tensor) -> Tensor:
-        if x is None:
-            raise RuntimeError(
-                "Distillation found no inputs for the teacher: the batch did not go through TricksMixin's "
-                "on_after_batch_transfer (an override that does not call super()?)."
+    def transform_loss(self, pl_module: TricksMixin, logits: Tensor, target: Tensor, loss: Tensor) -> Tensor:
+        if logits.ndim != 2:
+            raise ValueError(
+                f"Distillation matches (N, K) class distributions, got student logits of shape {tuple(logits.shape)}: "
+                "for per-token or per-pixel logits distil in your own training_step (functional.soft_distillation_loss "
+                "on flattened (positions, K) logits)."
             )
+        x = pl_module.tricks_inputs()
         with torch.no_grad():
             teacher_logits = self.teacher(x)
-        soft = soft_distillation_loss(logits, teacher_logits, self.temperature)  # checks the shapes
+        if teacher_logits.shape != logits.shape:
+            raise ValueError(
+                f"Distillation's teacher ({type(self.teacher).__name__}) returned logits of shape "
+                f"{tuple(teacher_logits.shape)} for inputs of shape {tuple(x.shape)}, but the student's are "
+                f"{tuple(logits.shape)}: the teacher must take the student's inputs and predict the same classes."
+            )
+        soft = soft_distillation_loss(logits, teacher_logits, self.temperature)
         n = logits.shape[0]
         pl_module.log("distill/soft", soft, on_step=False, on_epoch=True, batch_size=n)  # type: ignore[attr-defined]
         pl_module.log("distill/hard", loss, on_step=False, on_epoch=True, batch_size=n)  # type: ignore[attr-defined]

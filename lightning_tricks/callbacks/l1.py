@@ -85,7 +85,7 @@ class L1(TrickCallback):
 
     # ------------------------------------------------------------------------------------------- loss mode
     @override
-    def transform_loss(self, pl_module: Any, x: Tensor, logits: Tensor, soft_y: Tensor, loss: Tensor) -> Tensor:
+    def transform_loss(self, pl_module: Any, logits: Tensor, target: Tensor, loss: Tensor) -> Tensor:
         if self.mode != "loss":
             return loss
         penalty = elastic_net_penalty([local(p) for p in self._params], self.l1, self.l2)
@@ -100,13 +100,13 @@ class L1(TrickCallback):
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        super().on_before_backward(trainer, pl_module, loss)
         if not self._added:
             raise RuntimeError(
                 "L1(mode='loss') adds its penalty inside `self.tricks_loss(logits, y)`, but this step's loss did not "
                 "go through it, so it would train unregularised. Compute the loss with tricks_loss, or use "
                 "L1(mode='proximal'), which works with any loss."
             )
+        super().on_before_backward(trainer, pl_module, loss)
 
     # -------------------------------------------------------------------------------------- proximal mode
     @override

@@ -1,4 +1,4 @@
-"""Label smoothing as a callback over :func:`~lightning_tricks.functional.smooth_targets`."""
+"""Label smoothing as a callback: the smoothed cross-entropy of :func:`~lightning_tricks.functional.cross_entropy`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing_extensions import override
 
 from lightning_tricks.callbacks._base import TrickCallback
 from lightning_tricks.functional._checks import check_choice, check_number
-from lightning_tricks.functional.targets import CONVENTIONS, smooth_soft
+from lightning_tricks.functional.targets import CONVENTIONS, TargetPlan
 
 if TYPE_CHECKING:
     from lightning_tricks.mixin import TricksMixin
@@ -18,13 +18,19 @@ if TYPE_CHECKING:
 class LabelSmoothing(TrickCallback):
     r"""Train against smoothed targets (Szegedy et al., 2016); validation and test keep plain targets.
 
+    The smoothing is applied in the loss, :meth:`TricksMixin.tricks_loss`: the targets your training step receives
+    are the loader's, and the loss equals the cross-entropy against the smoothed distribution, computed from the
+    class indices (for the uniform convention, ``F.cross_entropy(logits, y, label_smoothing=smoothing)`` itself).
+    Every target shape torch's cross-entropy takes works: ``(N,)`` classes, ``(N, L)`` tokens, ``(N, H, W)``
+    pixels, with ``ignore_index`` for padding; the class count is read from the logits.
+
     Args:
         smoothing: :math:`\varepsilon \in [0, 1)`; the guide's default is 0.1.
         convention: ``"uniform"`` (PyTorch's: every class gets :math:`\varepsilon/K`, the default) or
             ``"others"`` (the guide's code: the :math:`K-1` wrong classes share :math:`\varepsilon`).
-        num_classes: the class count ``K``, when the module does not say it (``TricksMixin.num_classes``).
+        num_classes: optional; when given, a head whose logits have another class count is an error.
 
-    Composes with :class:`Mixup`: a target is smoothed once, and smoothing commutes with mixing.
+    Composes with :class:`Mixup`: smoothing commutes with mixing, and a target is smoothed exactly once.
 
     Example::
 
@@ -43,8 +49,6 @@ class LabelSmoothing(TrickCallback):
         self.num_classes = num_classes
 
     @override
-    def transform_batch(self, pl_module: TricksMixin, x: Tensor, soft_y: Tensor) -> tuple[Tensor, Tensor]:
-        if self.convention == "others" and soft_y.shape[-1] < 2:
-            raise ValueError("the 'others' convention needs at least 2 classes.")
-        exact = pl_module.ignore_index is None  # every row is a sample (sums to 1): no row-mass read
-        return x, smooth_soft(soft_y, self.smoothing, self.convention, rows_sum_to_one=exact)
+    def transform_batch(self, pl_module: TricksMixin, x: Tensor | None,
+                        plan: TargetPlan) -> tuple[Tensor | None, TargetPlan]:
+        return x, plan.smoothed(self.smoothing, self.convention)

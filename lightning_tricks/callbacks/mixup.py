@@ -13,7 +13,8 @@ from typing_extensions import override
 
 from lightning_tricks.callbacks._base import TrickCallback
 from lightning_tricks.functional._checks import check_choice, check_number
-from lightning_tricks.functional.mixing import box_lambda, box_mask, mix_pair, sample_box, sample_lambda
+from lightning_tricks.functional.mixing import Mix, box_lambda, box_mask, mix_pair, sample_box, sample_lambda
+from lightning_tricks.functional.targets import TargetPlan
 
 if TYPE_CHECKING:
     from lightning_tricks.mixin import TricksMixin
@@ -22,13 +23,19 @@ MODES = ("batch", "elem")
 
 
 class Mixup(TrickCallback):
-    r"""MixUp and CutMix on the training batches, with soft targets and a float32 loss.
+    r"""MixUp and CutMix on the training batches; the targets are mixed in the loss, never in the batch.
 
     Each training batch is, with probability ``prob``, mixed with a random permutation of itself:
     MixUp blends whole samples with :math:`\lambda \sim \mathrm{Beta}(\alpha, \alpha)`; CutMix pastes a box
     of the partner (side :math:`\propto \sqrt[d]{1-\lambda}`, :math:`\lambda \sim \mathrm{Beta}(\alpha_c, \alpha_c)`)
     and re-weights the targets by the pasted area. :math:`\lambda` is the weight of sample ``i`` itself.
 
+    The training step receives the mixed inputs and the loader's targets, unchanged; the mixing is recorded with the
+    module and :meth:`TricksMixin.tricks_loss` computes
+    :math:`\lambda\,\mathrm{CE}(z, y) + (1-\lambda)\,\mathrm{CE}(z, y_{\pi})` (the cross-entropy against the mixed
+    soft target, from the class indices). Dense targets work too: per token or per pixel ``(N, d1, ...)``, MixUp
+    pairs the per-position losses and CutMix pastes the partner's labels with its pixels (the targets must then have
+    the inputs' spatial size).
     Args:
         alpha: MixUp's Beta parameter (> 0 enables MixUp; the guide's default 0.2; 0 disables it).
         cutmix_alpha: CutMix's Beta parameter (> 0 enables CutMix; 0 disables it).
@@ -40,14 +47,12 @@ class Mixup(TrickCallback):
         stop_epoch: from this epoch on (0-based) batches are no longer mixed (common practice: the last
             epochs unmixed). ``None`` mixes to the end.
         seed: base seed; ``None`` takes Lightning's ``seed_everything`` seed (or torch's initial seed).
-        num_classes: the class count ``K``, when the module does not say it (``TricksMixin.num_classes``).
+        num_classes: optional; when given, a head whose logits have another class count is an error.
 
     Randomness is drawn on the host from a generator keyed by ``(seed, global rank, batch number)``:
     the same under ``seed_everything``, different on each DDP rank, exactly resumed from a checkpoint
     (the batch number is in the callback's state), and never a host-device sync.
     Pairing is a random permutation, so odd batch sizes work (timm needs even batches).
-
-    Training accuracy under mixed targets is measured against the argmax of the soft target.
 
     Example::
 
@@ -160,35 +165,47 @@ class Mixup(TrickCallback):
 
     # ------------------------------------------------------------------ the seam
     @override
-    def transform_batch(self, pl_module: TricksMixin, x: Tensor, soft_y: Tensor) -> tuple[Tensor, Tensor]:
+    def transform_batch(self, pl_module: TricksMixin, x: Tensor | None,
+                        plan: TargetPlan) -> tuple[Tensor | None, TargetPlan]:
         trainer = pl_module.trainer  # type: ignore[attr-defined]
         batch, self.batches_seen = self.batches_seen, self.batches_seen + 1
         self.last_draw = None
         if self.stop_epoch is not None and trainer.current_epoch >= self.stop_epoch:
-            return x, soft_y
-        if self.alpha > 0 and not x.is_floating_point():
-            raise TypeError(f"MixUp blends inputs and needs floating-point ones, got {x.dtype}.")
+            return x, plan
+        if x is None:
+            raise ValueError(
+                "Mixup mixes the training inputs, but TricksMixin could not find them in this batch: the default "
+                "`tricks_unpack` takes `(x, y)` pairs and dicts with keys 'x' and 'y'. Override `tricks_unpack` and "
+                "`tricks_pack` for your layout, or leave Mixup out."
+            )
+        if not x.is_floating_point():
+            raise TypeError(
+                f"Mixup blends inputs and needs floating-point ones, got {x.dtype} (token ids?). Mixing applies to "
+                "continuous inputs (images, signals, features); for a sequence model over token ids use "
+                "LabelSmoothing alone (or mix embeddings inside your own forward)."
+            )
         rng = self._rng(trainer.global_rank, batch)
         device, n, spatial = x.device, x.shape[0], tuple(x.shape[2:])
         if self.mode == "batch":
             keep, use_cut, lam_mix, box, perm = self._draw_per_batch(rng, n, spatial)
             if keep:
-                return x, soft_y
+                return x, plan
             index = _to_device(torch.from_numpy(perm), device)
             if use_cut:
                 assert box is not None
-                mixed = torch.where(box_mask(x, box), x.index_select(0, index), x)
-                lam: float | Tensor = box_lambda(x, box)
+                inside = box_mask(x, box)
+                mixed = torch.where(inside, x.index_select(0, index), x)
+                mix = Mix(index, box_lambda(x, box), region=~inside)
             else:
-                lam = lam_mix
-                mixed = mix_pair(x, lam, index)
-            self.last_draw = (lam, index)
-            return mixed, mix_pair(soft_y, lam, index)
+                mixed, mix = mix_pair(x, lam_mix, index), Mix(index, lam_mix)
+            self.last_draw = (mix.lam, index)
+            return mixed, plan.mixed(mix)
         d = self._draw_per_sample(rng, n, spatial)
         index = _to_device(torch.from_numpy(d["index"]), device)
         lam_np = np.where(d["keep"], 1.0, np.where(d["use_cut"], 0.0, d["lam"])).astype(np.float32)
         weight = _to_device(torch.from_numpy(lam_np), device)
         shape = (-1,) + (1,) * (x.ndim - 1)
+        region: Tensor | None = None
         if d["box"] is not None:
             cut = _to_device(torch.from_numpy(d["use_cut"] & ~d["keep"]), device)
             bounds = [(_to_device(torch.from_numpy(a), device), _to_device(torch.from_numpy(b), device))
@@ -198,11 +215,12 @@ class Mixup(TrickCallback):
             outside = (~box_mask(x, bounds)).to(x.dtype)
             weight_x = torch.where(cut.reshape(shape), outside, weight.to(x.dtype).reshape(shape))
             lam = torch.where(cut, box_lambda(x, bounds), weight)
+            region = weight_x
         else:
             weight_x = weight.to(x.dtype).reshape(shape)
             lam = weight
         self.last_draw = (lam, index)
-        return torch.lerp(x.index_select(0, index), x, weight_x), mix_pair(soft_y, lam, index)
+        return torch.lerp(x.index_select(0, index), x, weight_x), plan.mixed(Mix(index, lam, region))
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:

@@ -18,6 +18,7 @@ The mixing functions are pure and never modify their inputs. The samplers take a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor
 
 __all__ = [
     "Box",
+    "Mix",
     "box_lambda",
     "box_mask",
     "cutmix",
@@ -36,6 +38,25 @@ __all__ = [
 
 Bound = int | Tensor
 Box = Sequence[tuple[Bound, Bound]]
+
+
+@dataclass(frozen=True)
+class Mix:
+    """What mixing did to a batch, for the loss: which partner each sample was mixed with, and with what weight.
+
+    Attributes:
+        index: ``(N,)`` partner of each sample (an integer tensor on the batch's device).
+        lam: weight of each sample's own target, a float or ``(N,)``: the MixUp weight, or for CutMix the area
+            left to the sample (what a per-sample target such as a class gets).
+        region: weight of each sample's own values per input position (1 where it kept its own, 0 where its
+            partner's were pasted, ``lam`` for MixUp samples), broadcastable to the inputs ``(N or 1, 1, *spatial)``;
+            ``None`` when it is ``lam`` at every position. Dense targets (one per position: segmentation, sequences)
+            take their weights from it, as a pasted box carries its pixels' labels.
+    """
+
+    index: Tensor
+    lam: float | Tensor
+    region: Tensor | None = None
 
 
 def _per_sample(lam: float | Tensor, like: Tensor) -> float | Tensor:
