@@ -161,8 +161,8 @@ class WrongTeacher(nn.Module):
 
 
 def test_output_shape_mismatch_is_named_on_the_first_batch() -> None:
-    with pytest.raises(ValueError, match=r"teacher \(WrongTeacher\) returned logits of shape \(8, 7\) for inputs of shape "
-                                         r"\(8, 1, 16\), but the student's are \(8, 4\)"):
+    with pytest.raises(ValueError, match=r"teacher \(WrongTeacher\) returned logits of shape \(8, 7\) for "
+                                         r"inputs of shape \(8, 1, 16\), but the student's are \(8, 4\)"):
         quiet_trainer(max_steps=2, callbacks=[Distillation(WrongTeacher())]).fit(TinyNet(), loader())
 
 

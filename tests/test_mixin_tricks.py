@@ -337,8 +337,8 @@ def test_the_tricks_follow_changes_of_the_callback_list_mid_fit() -> None:
 def test_mixup_refuses_integer_inputs() -> None:
     data = DataLoader(torch.utils.data.TensorDataset(torch.randint(0, 255, (8, 1, 16)), torch.zeros(8).long()),
                       batch_size=4)
-    with pytest.raises(TypeError, match=r"Mixup blends inputs and needs floating-point ones, got torch\.int64 \(token ids"
-                                        r"\?\).*LabelSmoothing alone"):
+    with pytest.raises(TypeError, match=r"Mixup blends inputs and needs floating-point ones, got "
+                                        r"torch\.int64 \(token ids\?\).*LabelSmoothing alone"):
         quiet_trainer(max_steps=1, callbacks=[Mixup(alpha=1.0)]).fit(TinyNet(), data)
 
 
