@@ -9,6 +9,7 @@ from lightning_tricks.functional.ensembles import (
     majority_vote,
 )
 from lightning_tricks.functional.mixing import (
+    Mix,
     box_lambda,
     box_mask,
     cutmix,
@@ -26,16 +27,23 @@ from lightning_tricks.functional.schedules import (
     warmup_factor,
 )
 from lightning_tricks.functional.targets import (
+    TargetPlan,
+    class_dim_of,
+    cross_entropy,
     smooth_targets,
     soft_cross_entropy,
     to_soft_targets,
 )
 
 __all__ = [
+    "Mix",
+    "TargetPlan",
     "box_lambda",
+    "class_dim_of",
     "box_mask",
     "combine",
     "constant_with_warmup",
+    "cross_entropy",
     "cutmix",
     "decay_from_half_life",
     "distillation_loss",

@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 CONVENTIONS = ("uniform", "others")
+#: Logits up to this many elements get the dense target in :func:`cross_entropy` (4 MB of float32).
+DENSE_MAX = 2**20
 
 
 @dataclass(frozen=True)
@@ -295,21 +297,39 @@ def cross_entropy(
     dim = class_dim % logits.ndim
     num_classes = logits.shape[dim]
     if target.is_floating_point():
-        return _dense_cross_entropy(logits, target, smoothing, convention, mix, dim)
-    if mix is None and convention == "uniform":
+        return _dense_cross_entropy(logits, target.float(), None, smoothing, convention, mix, dim)
+    if mix is None and smoothing == 0.0:
         if dim != 1:  # class-last: the same mean over positions, on a (positions, C) view
             logits, target = logits.reshape(-1, num_classes), target.reshape(-1)
         try:
-            return F.cross_entropy(logits.float(), target, ignore_index=-100 if ignore_index is None else ignore_index,
-                                   label_smoothing=smoothing)
+            return F.cross_entropy(logits.float(), target, ignore_index=-100 if ignore_index is None else ignore_index)
         except (IndexError, RuntimeError):
             raise _range_error(target, num_classes, ignore_index) from None
     try:
+        if logits.numel() <= DENSE_MAX:
+            # Small logits (classification): the dense target costs little memory and runs fewer kernels than
+            # the gathers (on a 2-core CPU, 100 x 10 logits: 143 us against 247 us forward and backward).
+            return _one_hot_cross_entropy(logits, target, smoothing, convention, mix, ignore_index, dim)
         return _index_cross_entropy(logits, target, smoothing, convention, mix, ignore_index, dim)
     except (IndexError, RuntimeError):
         if not bool(_valid(target, num_classes, ignore_index).all()):  # read only once something failed
             raise _range_error(target, num_classes, ignore_index) from None
         raise
+
+
+def _one_hot_cross_entropy(logits: Tensor, target: Tensor, smoothing: float, convention: str, mix: Mix | None,
+                           ignore_index: int | None, dim: int) -> Tensor:
+    """:func:`cross_entropy` through the dense target, built from the indices (a scatter, which refuses
+    out-of-range indices on every device)."""
+    q = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    index = target.unsqueeze(dim)
+    if ignore_index is None:
+        q.scatter_(dim, index, 1.0)
+        return _dense_cross_entropy(logits, q, 1.0, smoothing, convention, mix, dim)
+    active = index != ignore_index
+    mass = active.float()  # 1 for a position that counts, 0 for an ignored one
+    q.scatter_(dim, index * active, mass)  # an ignored position scatters 0 into class 0
+    return _dense_cross_entropy(logits, q, mass, smoothing, convention, mix, dim)
 
 
 def _index_cross_entropy(logits: Tensor, target: Tensor, smoothing: float, convention: str, mix: Mix | None,
@@ -369,18 +389,27 @@ def _mix_weight(mix: Mix, target: Tensor) -> Tensor | float:
     return float(lam)
 
 
-def _dense_cross_entropy(logits: Tensor, target: Tensor, smoothing: float, convention: str, mix: Mix | None,
-                         dim: int) -> Tensor:
-    """The cross-entropy against class probabilities, smoothed and mixed densely (the target is dense already)."""
-    q = target.float()
+def _dense_cross_entropy(logits: Tensor, q: Tensor, mass: Tensor | float | None, smoothing: float, convention: str,
+                         mix: Mix | None, dim: int) -> Tensor:
+    """The cross-entropy against the dense float32 target ``q``, smoothed and mixed densely.
+
+    ``mass`` is each position's target mass: a tensor (0 where a class index is ignored) makes the mean run over
+    the mass of the positions that count, as ``F.cross_entropy`` does for ignored indices; ``1.0`` (indices, none
+    ignored) and ``None`` (class probabilities, whose mass is read from ``q``) divide by the number of positions.
+    """
     if smoothing:
         keep, spread = _smoothing_coefficients(smoothing, convention, logits.shape[dim])
-        q = torch.add(q * keep, q.sum(dim=dim, keepdim=True), alpha=spread)
+        if isinstance(mass, float):
+            q = q.mul_(keep).add_(spread * mass)
+        else:
+            q = torch.add(q * keep, q.sum(dim=dim, keepdim=True) if mass is None else mass, alpha=spread)
     if mix is not None:
-        own = _mix_weight(mix, target.select(dim, 0))  # the weight per position of the targets without classes
+        own = _mix_weight(mix, q.select(dim, 0))  # the weight of each target position (without the classes)
         if isinstance(own, Tensor):
             own = own.unsqueeze(dim)
-        q = torch.lerp(q.index_select(0, mix.index), q, own)
-    positions = target.numel() // target.shape[dim]
-    return -(q * F.log_softmax(logits.float(), dim=dim)).sum() / positions
-
+        q = q.index_select(0, mix.index).lerp_(q, own)
+    log_p = F.log_softmax(logits.float(), dim=dim)
+    if not isinstance(mass, Tensor):
+        return torch.dot(log_p.reshape(-1), q.reshape(-1)).div(-(q.numel() // q.shape[dim]))
+    # the total target mass: smoothing keeps each position's, mixing moves it between samples
+    return torch.dot(log_p.reshape(-1), q.reshape(-1)).div(-q.sum().clamp_min(1e-12))
