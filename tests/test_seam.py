@@ -128,7 +128,8 @@ def test_language_model_loss_is_torchs_label_smoothing(precision: str, accumulat
                                   ignore_index=-100)
         else:
             ref = F.cross_entropy(logits.float(), target, label_smoothing=0.1, ignore_index=-100)
-        assert abs(loss.item() - ref.item()) <= 1e-6
+        # 1e-6 relative: inside bf16 autocast the same float32 sum can round in another order (1-5 ulps)
+        assert abs(loss.item() - ref.item()) <= 1e-6 * abs(ref.item())
         assert loss.dtype == torch.float32
 
 
