@@ -298,11 +298,13 @@ def cross_entropy(
     num_classes = logits.shape[dim]
     if target.is_floating_point():
         return _dense_cross_entropy(logits, target.float(), None, smoothing, convention, mix, dim)
-    if mix is None and smoothing == 0.0:
+    if mix is None and (smoothing == 0.0 or (convention == "uniform" and logits.numel() > DENSE_MAX)):
+        # torch's own kernel: exactly F.cross_entropy's value, and no memory beyond what it allocates itself
         if dim != 1:  # class-last: the same mean over positions, on a (positions, C) view
             logits, target = logits.reshape(-1, num_classes), target.reshape(-1)
         try:
-            return F.cross_entropy(logits.float(), target, ignore_index=-100 if ignore_index is None else ignore_index)
+            return F.cross_entropy(logits.float(), target, ignore_index=-100 if ignore_index is None else ignore_index,
+                                   label_smoothing=smoothing)
         except (IndexError, RuntimeError):
             raise _range_error(target, num_classes, ignore_index) from None
     try:
