@@ -40,9 +40,12 @@ class ShardSum:
             if isinstance(p, DTensor):
                 dims = tuple(d for d, placement in enumerate(p.placements) if placement.is_shard())
                 if dims:
-                    key = (id(p.device_mesh), dims)
+                    # by value: fully_shard(layer, mesh=self.device_mesh["data_parallel"]) per layer (as Lightning's
+                    # docs write it) makes a new mesh object per call, all over the same ranks
+                    mesh = p.device_mesh
+                    key = (tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape), mesh.mesh_dim_names, dims)
                     layouts.setdefault(key, []).append(i)
-                    meshes[key] = (p.device_mesh, dims)
+                    meshes.setdefault(key, (mesh, dims))
         if len(layouts) > 1:
             raise NotImplementedError(
                 f"the parameters are sharded in {len(layouts)} different ways (device meshes or sharded mesh "

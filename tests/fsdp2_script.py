@@ -184,6 +184,29 @@ def case_recipe(out: Path) -> None:
     assert "grad/norm" in t.callback_metrics
 
 
+class DocsMeshNet(ShardedNet):
+    """FSDP2 as Lightning's docs write it: ``self.device_mesh["data_parallel"]`` looked up for every layer (a new
+    sub-mesh object per lookup, all over the same ranks)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in self.net:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=self.device_mesh["data_parallel"])
+        fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+
+def case_docs_mesh(out: Path) -> None:
+    """Regression: GradientMonitor refused ("sharded in 2 different ways"): it compared meshes by identity."""
+    ref, mon = FullNorm(), Recording(log_every_n_steps=1)
+    t = trainer(out, max_steps=4, callbacks=[*recipe(early_stopping=None, doctor=False, monitor=False), ref, mon])
+    t.fit(DocsMeshNet(), data())
+    assert len(mon.history) == len(ref.norms) == 4
+    for m, r in zip(mon.history, ref.norms):
+        assert abs(m["grad/norm"] - r) <= 1e-5 * max(1.0, r)
+
+
 def case_schedule_and_mixing(out: Path) -> None:
     lrs: list[float] = []
 

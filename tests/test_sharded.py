@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ("monitor", "monitor_nan", "early_stopping", "recipe", "schedule_and_mixing", "distillation", "ema", "swa",
-         "lr_find", "finetune_and_scaling", "l1", "init_weights")
+         "lr_find", "finetune_and_scaling", "l1", "init_weights", "docs_mesh")
 
 
 def test_every_callback_under_fsdp2(tmp_path: Path) -> None:

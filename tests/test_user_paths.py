@@ -46,9 +46,8 @@ def test_recipe_early_stopping_on_accuracy_maximises_it() -> None:
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model.last))
 
 
-def test_an_ambiguous_metric_needs_a_mode() -> None:
-    with pytest.raises(ValueError, match=r"cannot tell from the metric's name 'score'.*mode='max'"):
-        EarlyStopping("score")
+def test_an_ambiguous_metric_takes_lightnings_default_mode() -> None:
+    assert EarlyStopping("score").mode == "min"  # Lightning's default, as its own class (a drop-in)
     assert EarlyStopping("score", mode="max").mode == "max"
     assert EarlyStopping("val/f1").mode == "max" and EarlyStopping("train_loss_epoch").mode == "min"
 

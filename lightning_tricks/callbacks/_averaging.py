@@ -145,8 +145,9 @@ class WeightAverage(pl.Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"updates": self.updates}
-        if self.has_average and not self._sharded:  # a rank's shards are not the weights: left out when sharded
-            assert self._names is not None
+        if self.has_average and self._names is None:  # resumed, and not used since: the average as it was loaded
+            state["average"] = self._loaded
+        elif self.has_average and not self._sharded:  # a rank's shards are not the weights: left out when sharded
             state["average"] = {k: a.detach().cpu() for k, a in zip(self._names, self._averages) if a is not None}
         return state
 

@@ -20,29 +20,38 @@ _MAX_WORDS = ("acc", "f1", "auroc", "auc", "precision", "recall", "iou", "dice",
 _MIN_WORDS = ("loss", "error", "err", "mse", "mae", "nll", "perplexity")
 
 
+def mode_from_name(monitor: str) -> str | None:
+    """``"max"`` for accuracy-like metric names, ``"min"`` for loss-like ones, ``None`` when the name does not say."""
+    words = [w for w in monitor.lower().replace("/", "_").replace("-", "_").replace(".", "_").split("_") if w]
+    says_max = any(w.startswith(_MAX_WORDS) or w.endswith(("acc", "accuracy")) for w in words)
+    says_min = any(w in _MIN_WORDS or w.endswith("loss") for w in words)
+    if says_max == says_min:
+        return None
+    return "max" if says_max else "min"
+
+
 def infer_mode(monitor: str, mode: str | None) -> str:
     """``mode`` if given (``"min"``/``"max"``), else the one the metric's name says, else a clear error."""
     if mode is not None:
         if mode not in ("min", "max"):
             raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}.")
         return mode
-    words = [w for w in monitor.lower().replace("/", "_").replace("-", "_").replace(".", "_").split("_") if w]
-    says_max = any(w.startswith(_MAX_WORDS) or w.endswith(("acc", "accuracy")) for w in words)
-    says_min = any(w in _MIN_WORDS or w.endswith("loss") for w in words)
-    if says_max == says_min:
+    found = mode_from_name(monitor)
+    if found is None:
         raise ValueError(
             f"cannot tell from the metric's name {monitor!r} whether higher or lower is better: pass `mode='max'` "
             "(accuracy-like) or `mode='min'` (loss-like)."
         )
-    return "max" if says_max else "min"
+    return found
 
 
 class EarlyStopping(EarlyStoppingChecks):
     r"""A drop-in for :class:`lightning.pytorch.callbacks.EarlyStopping` that can also keep the best model.
 
-    Every argument and behaviour of Lightning's class is unchanged (``monitor``, ``min_delta``, ``patience``,
-    ``mode``, ``strict``, ``check_finite``, ``stopping_threshold``, ``divergence_threshold``,
-    ``check_on_train_epoch_end``, ``log_rank_zero_only``, the ``state_key``, the any-rank DDP decision and resume).
+    Every argument of Lightning's class is accepted in the same order and means the same (``monitor``,
+    ``min_delta``, ``patience``, ``mode``, ``strict``, ``check_finite``, ``stopping_threshold``,
+    ``divergence_threshold``, ``check_on_train_epoch_end``, ``log_rank_zero_only``; the ``state_key``, the any-rank
+    DDP decision and resume), except that ``mode`` is inferred from an accuracy-like name (below).
     New, as Keras users know them:
 
     Args:
@@ -61,10 +70,10 @@ class EarlyStopping(EarlyStoppingChecks):
             nothing trained is lost even without a ``ModelCheckpoint``; its path is in ``checkpoint_path``.
         checkpoint_dir: where that checkpoint goes.
 
-    ``mode`` (Lightning's default is ``"min"``) is inferred from the metric's name when not given: names with
-    ``acc``, ``f1``, ``auroc``, ``auc``, ``precision``, ``recall``, ``iou``, ``dice`` or ``map`` are maximised, names
-    with ``loss``, ``error``, ``err``, ``mse``, ``mae``, ``nll`` or ``perplexity`` minimised; any other name needs an
-    explicit ``mode``. The mode used is in ``mode``.
+    ``mode``, when not given, is inferred from the metric's name: names with ``acc``, ``f1``, ``auroc``, ``auc``,
+    ``precision``, ``recall``, ``iou``, ``dice`` or ``map`` are maximised; any other name is minimised, Lightning's
+    default (an info message says so when the name does not read as a loss: ``loss``, ``error``, ``err``, ``mse``,
+    ``mae``, ``nll``, ``perplexity``). The mode used is in ``mode``; a bad one raises Lightning's own error.
 
     Whenever it stops it says why, with the best score and its epoch (``rank_zero_info``; also in
     ``stopping_reason_message`` and ``summary``).
@@ -95,7 +104,12 @@ class EarlyStopping(EarlyStoppingChecks):
     ) -> None:
         check_number("patience", patience, low=0, integer=True)
         check_number("min_delta", min_delta)
-        mode = infer_mode(monitor, mode)
+        if mode is None:  # Lightning's default is "min"; an accuracy-like name says "max"
+            mode = mode_from_name(monitor)
+            if mode is None:
+                mode = "min"
+                rank_zero_info(f"EarlyStopping: minimising {monitor!r} (Lightning's default mode); pass mode='max' if "
+                               "higher is better.")
         super().__init__(
             monitor=monitor,
             min_delta=min_delta,

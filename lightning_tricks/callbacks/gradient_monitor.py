@@ -121,17 +121,25 @@ class GradientMonitor(pl.Callback):
     # ------------------------------------------------------------------ setup (once per fit)
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.layout = GradientLayout.from_module(pl_module, self.group_by)
+        # Every parameter, frozen ones included: a backbone that Finetune unfreezes later is monitored from then on.
+        self.layout = GradientLayout.from_module(pl_module, self.group_by, include_frozen=True)
         params = self.layout.params
         self._device = pl_module.device
         self._every = self.log_every_n_steps or trainer.log_every_n_steps
-        # The norm of each parameter's (local) gradient, one row per optimizer step of the logging interval.
+        # The norm of each parameter's (local) gradient, one row per training batch that stepped an optimizer.
         self._norms = torch.zeros(self._every, len(params), dtype=torch.float32, device=self._device)
-        self._float32 = all(p.dtype == torch.float32 for p in params)
         self._row_steps: list[int] = []
+        self._row_open = False
         self._group_of = np.asarray(self.layout.group_of)
         self._sharded = is_sharded(params)
         self._shard_sum = ShardSum(params)
+        # Which columns (parameters) each optimizer steps: each optimizer step reads its own parameters' gradients
+        # (two optimizers, as a GAN's, each at its own step). A parameter in no optimizer keeps a norm of 0.
+        column = {id(p): i for i, p in enumerate(params)}
+        self._columns = [sorted({column[id(p)] for g in opt.param_groups for p in g["params"] if id(p) in column})
+                         for opt in trainer.optimizers]
+        self._whole_rows = len(trainer.optimizers) == 1 and self._columns[0] == list(range(len(params)))
+        self._column_index = [torch.tensor(c, dtype=torch.long, device=self._device) for c in self._columns]
         # One process on the CPU: the buffer is host memory (a NumPy view of it), so each step is judged before its
         # update; elsewhere at logging steps, with no per-step host read.
         single_cpu = trainer.world_size == 1 and self._device.type == "cpu"
@@ -161,34 +169,59 @@ class GradientMonitor(pl.Callback):
 
     # ------------------------------------------------------------------ per step: device work only
     @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._row_open = False  # the batch's first optimizer step opens its row
+
+    @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if optimizer is not trainer.optimizers[0] or self.stopped_step is not None:
-            return  # one record per optimizer step: at the first optimizer's
-        grads = [p.grad for p in self.layout.params]
+        if self.stopped_step is not None:
+            return
+        index = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), None)
+        if index is None or not self._columns[index]:
+            return
+        if not self._row_open:
+            if len(self._row_steps) == self._every:  # a full interval not yet logged (several optimizers)
+                self._log(trainer, pl_module)
+            self._row_open = True
+            self._row_steps.append(trainer.global_step)
+        row = len(self._row_steps) - 1
+        columns = self._columns[index]
+        params = self.layout.params if self._whole_rows else [self.layout.params[c] for c in columns]
+        grads = [p.grad for p in params]
         if self._sharded:
             grads = [None if g is None else local(g) for g in grads]
-        row = len(self._row_steps)
-        try:  # every parameter has a gradient (the usual case): one fused norm, stacked into this step's row
-            if self._float32:
-                torch.stack(torch._foreach_norm(grads), out=self._norms[row])
-            else:
-                self._norms[row].copy_(torch.stack(torch._foreach_norm(grads)))
-        except (TypeError, RuntimeError):  # some parameters got no gradient this step: their norm counts as 0
+        target = self._norms[row]
+        try:  # every parameter has a gradient (the usual case): one fused norm
+            norms = torch.stack(torch._foreach_norm(grads))
+        except (TypeError, RuntimeError):  # some parameters got no gradient this step (frozen): their norm is 0
             present = [i for i, g in enumerate(grads) if g is not None]
-            if not present:
-                return
-            norms = torch.stack(torch._foreach_norm([grads[i] for i in present])).float()
-            self._norms[row].zero_().index_copy_(0, torch.tensor(present, device=norms.device), norms)
+            norms = torch.zeros(len(grads), dtype=torch.float32, device=self._norms.device)
+            if present:
+                found = torch.stack(torch._foreach_norm([grads[i] for i in present])).float()
+                norms.index_copy_(0, torch.tensor(present, device=norms.device), found)
+        if self._whole_rows:
+            target.copy_(norms)
+        else:
+            target.index_copy_(0, self._column_index[index], norms.float())
         scaler = self._scaler(trainer)
         if self._self_unscaling and scaler is not None:
-            self._norms[row].div_(loss_scale(scaler).to(self._norms.device))
-        self._row_steps.append(trainer.global_step)
-        if self._host_rows is not None and scaler is None and not np.isfinite(self._host_rows[row].sum()):
+            target[self._column_index[index]] = target[self._column_index[index]] / loss_scale(scaler).to(
+                target.device)
+        if self._host_rows is not None and scaler is None and not np.isfinite(self._host_rows[row, columns].sum()):
             self._handle_nonfinite(trainer, pl_module, self._group_squares(np.square(self._host_rows[: row + 1])),
-                                   before_update=True)
+                                   before_update=True, skip=params)
             if self.stopped_step is not None:
                 return
-        if (trainer.global_step + 1) % self._every == 0 or row + 1 == self._every:
+        if len(trainer.optimizers) == 1 and ((trainer.global_step + 1) % self._every == 0 or row + 1 == self._every):
+            self._log(trainer, pl_module)  # one optimizer: at its step, before the update (pre-clip gradients)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # Several optimizers: the row is complete once the batch's steps are all taken.
+        if (len(trainer.optimizers) > 1 and self._row_open and self.stopped_step is None
+                and (trainer.global_step % self._every == 0 or len(self._row_steps) == self._every)):
             self._log(trainer, pl_module)
 
     @override
@@ -268,6 +301,7 @@ class GradientMonitor(pl.Callback):
             )
         self._norms.zero_()
         self._row_steps = []
+        self._row_open = False
 
     def _emit(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         """Hand the interval's figures to every logger and to ``trainer.callback_metrics``.
@@ -320,7 +354,7 @@ class GradientMonitor(pl.Callback):
 
     # ------------------------------------------------------------------ non-finite gradients
     def _handle_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sq: np.ndarray,
-                          before_update: bool) -> None:
+                          before_update: bool, skip: list[Tensor] | None = None) -> None:
         bad_rows = np.flatnonzero(~np.isfinite(sq).all(axis=1))
         first = self._row_steps[bad_rows[0]]
         groups = [n for n, v in zip(self.layout.names, sq[bad_rows[0]]) if not math.isfinite(v)]
@@ -333,8 +367,8 @@ class GradientMonitor(pl.Callback):
             return
         if self.on_nonfinite == "raise":
             raise NonFiniteGradientError(msg)
-        if before_update:  # skip the bad update: the weights stay the last finite ones
-            for p in self.layout.params:
+        if before_update:  # skip the bad update (of the optimizer about to step): the weights stay the last finite ones
+            for p in skip if skip is not None else self.layout.params:
                 p.grad = None
         self.stopped_step = first
         trainer.should_stop = True

@@ -70,6 +70,7 @@ class SWA(WeightAverage):
         self.bn_update = bn_update
         self.start_epoch: int | None = None
         self._start_lrs: list[list[float]] | None = None
+        self._averaged_epoch: int | None = None  # the last epoch whose end is in the average
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -113,11 +114,24 @@ class SWA(WeightAverage):
                 group["lr"] = (1.0 - w) * lr0 + w * target
 
     # ------------------------------------------------------------------ the average
+    def _epoch_end_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self.start_epoch is None or epoch < self.start_epoch or self._averaged_epoch == epoch:
+            return
+        self._averaged_epoch = epoch
+        self._average_in(pl_module, swa_update_)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # The epoch's last batch: average now, before Lightning validates this epoch (it validates before
+        # on_train_epoch_end), so the epoch's validation sees the average that includes this epoch.
+        if batch_idx + 1 == trainer.num_training_batches:
+            self._epoch_end_update(trainer, pl_module)
+
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.start_epoch is None or trainer.current_epoch < self.start_epoch:
-            return
-        self._average_in(pl_module, swa_update_)
+        self._epoch_end_update(trainer, pl_module)  # an epoch of unknown length, or cut short by max_steps
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -127,13 +141,20 @@ class SWA(WeightAverage):
             update_bn(trainer, pl_module)
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._averaged_epoch = None
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "start_lrs": self._start_lrs}
+        return {**super().state_dict(), "start_lrs": self._start_lrs, "averaged_epoch": self._averaged_epoch}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._start_lrs = state_dict.get("start_lrs")
+        self._averaged_epoch = state_dict.get("averaged_epoch")
 
 
 def _has_batchnorm(module: nn.Module) -> bool:

@@ -39,12 +39,13 @@ class GradientLayout:
     group_of: list[int]
 
     @classmethod
-    def from_module(cls, module: nn.Module, by: str | int = "module") -> GradientLayout:
+    def from_module(cls, module: nn.Module, by: str | int = "module", include_frozen: bool = False) -> GradientLayout:
         """Group trainable parameters by top-level submodule (``"module"``), one group per parameter
         (``"parameter"``), or by the first ``by`` components of the owning module's name (an int depth).
 
         Depths count from below any wrapper that holds every parameter (``self.net = ...`` in a
         LightningModule): ``"module"`` gives ``net.conv1``, ``net.conv2``, ... rather than one group ``net``.
+        ``include_frozen`` also takes the parameters that do not require a gradient now (unfrozen later).
         """
         if by == "module":
             depth = 1
@@ -54,7 +55,7 @@ class GradientLayout:
             depth = by
         else:
             raise ValueError(f"`group_by` must be 'module', 'parameter' or an int depth >= 1, got {by!r}.")
-        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        named = [(name, p) for name, p in module.named_parameters() if include_frozen or p.requires_grad]
         owners = [name.split(".")[:-1] for name, _ in named]
         common = 0  # components shared by every owner: a wrapper around the whole model
         while owners and all(len(o) > common for o in owners) and len({o[common] for o in owners}) == 1:

@@ -52,6 +52,8 @@ class LRFinderResult:
     minimum: float | None  # a tenth of the lr at the lowest smoothed loss
     clear: bool  # False when the curve shows no clear valley (a warning said so)
     notes: list[str] = field(default_factory=list)
+    #: group 0's lr as the optimizer was configured when the sweep began (the sweep scales every group by one factor)
+    start_lr: float | None = None
 
     def suggestion(self, choice: str = "steep") -> float:
         check_choice("choice", choice, CHOICES)
@@ -61,19 +63,25 @@ class LRFinderResult:
         return float(value)
 
     def apply(self, module: pl.LightningModule, choice: str = "steep") -> float:
-        """Set the suggested lr as the module's ``lr`` (an attribute or a hyper-parameter) and return it; the next
-        ``configure_optimizers`` (e.g. ``adamw(self, lr=self.hparams.lr)``) uses it."""
-        lr = self.suggestion(choice)
-        found = False
-        if "lr" in getattr(module, "hparams", {}):
+        """Scale the module's ``lr`` (an attribute or a hyper-parameter) by the sweep's chosen factor and return the
+        new value; the next ``configure_optimizers`` (e.g. ``adamw(self, lr=self.hparams.lr)``) uses it.
+
+        The sweep moves every param group by one factor, and the suggestion is group 0's lr. With layer-wise groups
+        (``adamw(self, lr, layer_decay=0.5)``: group 0 is the bottom layer) the module's ``lr`` is not group 0's, so
+        it is scaled by ``suggestion / start_lr`` rather than replaced: every group lands where the sweep chose, as
+        :class:`LRFinder` sets them.
+        """
+        suggestion = self.suggestion(choice)
+        has_hparam = "lr" in getattr(module, "hparams", {})
+        if not has_hparam and not hasattr(module, "lr"):
+            raise AttributeError(f"{type(module).__name__} has no `lr` attribute or hyper-parameter: pass the "
+                                 f"suggestion ({suggestion:.3g}, group 0's lr) to your optimizer yourself.")
+        current = float(module.hparams["lr"] if has_hparam else module.lr)  # type: ignore[union-attr]
+        lr = suggestion if not self.start_lr else current * suggestion / self.start_lr
+        if has_hparam:
             module.hparams["lr"] = lr
-            found = True
         if hasattr(module, "lr"):
             module.lr = lr
-            found = True
-        if not found:
-            raise AttributeError(f"{type(module).__name__} has no `lr` attribute or hyper-parameter: pass the "
-                                 f"suggestion ({lr:.3g}) to your optimizer yourself.")
         return lr
 
     def plot(self, path: str | None = None) -> Any:
@@ -151,6 +159,7 @@ class _Sweep(pl.Callback):
         self.beta, self.divergence = beta, divergence
         self.lrs: list[float] = []
         self.losses: list[float] = []
+        self.start_lr: float | None = None
         self.smoothed: list[float] = []
         self._pending: torch.Tensor | None = None
         self._avg = 0.0
@@ -165,6 +174,7 @@ class _Sweep(pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         reference = trainer.optimizers[0].param_groups[0]["lr"] or 1.0
+        self.start_lr = float(reference)
         # every group starts at min_lr times its ratio to group 0 of optimizer 0
         self._base = [[self.min_lr * g["lr"] / reference for g in opt.param_groups] for opt in trainer.optimizers]
         self._saved = [local(v).detach().clone() for v in pl_module.state_dict().values()]
@@ -255,7 +265,8 @@ def lr_find(
     if not clear:
         rank_zero_warn(f"lr_find: {'; '.join(notes)}. Widen the range (min_lr, max_lr), raise num_steps, or check "
                        "that the model trains at all (overfit_check).")
-    return LRFinderResult(sweep.lrs, sweep.losses, sweep.smoothed, valley, steep, minimum, clear, notes)
+    return LRFinderResult(sweep.lrs, sweep.losses, sweep.smoothed, valley, steep, minimum, clear, notes,
+                          start_lr=sweep.start_lr)
 
 
 class LRFinder(pl.Callback):
