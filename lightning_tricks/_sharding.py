@@ -74,3 +74,17 @@ class ShardSum:
         for group in self.groups:
             dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
         return value
+
+
+def agree_on_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's floating buffers (BatchNorm statistics), in place, when processes replicate the
+    module (DDP). DDP broadcasts rank 0's buffers before each forward, so during a fit each rank's statistics differ
+    only by its own last batch; after a fit's final change to the weights this makes the replicas equal again.
+    Sharded modules (``DTensor``) and a single process are left alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers or is_sharded(buffers) or is_sharded(list(module.parameters())):
+        return
+    for b in buffers:
+        dist.broadcast(b.data, src=0)

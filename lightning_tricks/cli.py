@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "tune":
         from lightning_tricks.tuning.search import tune
 
+        # `--model my_project.Net` from the folder holding my_project.py: the console script, unlike `python -m`,
+        # does not put the working directory on the import path
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
         study = tune(args.model, args.data, space=args.space, config=args.config, args=rest, n_trials=args.trials,
                      monitor=args.monitor, mode=args.mode, sampler=args.sampler, prune=not args.no_prune,
                      storage=args.storage, study_name=args.study_name, seed=args.seed, out=args.out)

@@ -282,3 +282,61 @@ def test_pruning_under_ddp_is_decided_by_rank_zero() -> None:
                             callbacks=[OptunaPruning(_PruneAtOnce(), "val_acc"), _BothStopped()])
     trainer.fit(TinyNet(), loader(64, 8), loader(32, 8))
     assert trainer.state.finished
+
+
+PROJECT = '''
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from lightning_tricks import TricksMixin
+
+
+class Net(TricksMixin, pl.LightningModule):
+    def __init__(self, lr: float = 0.01) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class Data(pl.LightningDataModule):
+    def __init__(self, batch_size: int = 8) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        g = torch.Generator().manual_seed(0)
+        self.data = TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g))
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(self.data, batch_size=32)
+'''
+
+
+def test_the_console_script_imports_the_users_module_from_the_working_directory(tmp_path: Path) -> None:
+    """Regression: `lightning-tricks tune --model my_project.Net` from my_project.py's folder raised
+    ModuleNotFoundError (a console script, unlike `python -m`, does not put the working directory on sys.path)."""
+    import shutil
+
+    script = shutil.which("lightning-tricks")
+    if script is None:
+        pytest.fail("the lightning-tricks console script is not installed (pip install -e .)")
+    (tmp_path / "my_project.py").write_text(PROJECT)
+    done = subprocess.run([script, "tune", "--model", "my_project.Net", "--data", "my_project.Data", "--trials", "1",
+                           "--space", str(_space_file(tmp_path)), "--out", str(tmp_path / "out"), *QUICK],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "best.yaml").exists()
+
+
+def _space_file(folder: Path) -> Path:
+    path = folder / "space.yaml"
+    path.write_text("model.lr:\n  log_uniform: [0.001, 0.1]\n")
+    return path

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_tricks._sharding import is_sharded, local
+from lightning_tricks._sharding import agree_on_buffers, is_sharded, local
 
 
 class WeightAverage(pl.Callback):
@@ -131,15 +131,23 @@ class WeightAverage(pl.Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._load_average_at_end(trainer, pl_module)
+
+    def _load_average_at_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Leave the average in the module (``keep_average_at_end``); whether it did."""
         if not self.keep_average_at_end or not self._ready(pl_module):
-            return
+            return False
         from lightning_tricks.callbacks.early_stopping import EarlyStopping
 
         if any(isinstance(cb, EarlyStopping) and cb.restore_best_weights and cb.best_weights is not None
                for cb in trainer.callbacks):
-            return  # EarlyStopping restores the best check's weights (the averaged ones, when they were evaluated)
+            # EarlyStopping restores the best check's weights (the averaged ones, when they were evaluated), before
+            # or after this callback: the module ends on them whatever the order of the callbacks.
+            return False
         self._load_into_module([a.to(t.dtype) if a is not None else t for a, t in zip(self._averages, self._targets)])
+        agree_on_buffers(pl_module)  # DDP: each rank's average holds its own last BatchNorm update
         rank_zero_info(f"{type(self).__name__}: the module now holds the averaged weights ({self.updates} updates).")
+        return True
 
     # ------------------------------------------------------------------ checkpoint
     @override

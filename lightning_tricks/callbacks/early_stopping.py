@@ -13,7 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_tricks._compat import EarlyStoppingChecks
-from lightning_tricks._sharding import is_sharded, local
+from lightning_tricks._sharding import agree_on_buffers, is_sharded, local
 from lightning_tricks.functional._checks import check_number
 
 _MAX_WORDS = ("acc", "f1", "auroc", "auc", "precision", "recall", "iou", "dice", "map")
@@ -223,6 +223,7 @@ class EarlyStopping(EarlyStoppingChecks):
         with torch.no_grad():
             for key, value in state.items():
                 local(value).copy_(self.best_weights[key])
+        agree_on_buffers(trainer.lightning_module)  # DDP: the best check's statistics as rank 0 took them
         self._restored = True
 
     @override

@@ -135,9 +135,9 @@ class SWA(WeightAverage):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        had = self.has_average
-        super().on_train_end(trainer, pl_module)  # loads the average (unless EarlyStopping restored its best)
-        if had and self.keep_average_at_end and self.bn_update and _has_batchnorm(pl_module):
+        # Loads the average, unless EarlyStopping restores its best check (the weights and statistics that were
+        # evaluated): then neither the average nor a BatchNorm re-estimate, whichever callback comes first.
+        if self._load_average_at_end(trainer, pl_module) and self.bn_update and _has_batchnorm(pl_module):
             update_bn(trainer, pl_module)
 
     @override
