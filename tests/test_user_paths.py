@@ -290,3 +290,63 @@ def test_ema_with_a_lazy_module() -> None:
     model = Lazy()
     quiet_trainer(max_steps=3, callbacks=[ema]).fit(model, loader())
     assert ema.updates == 3 and ema.averaged_state_dict()["net.1.weight"].shape == (16, 16)
+
+
+# ------------------------------------------------------------------------------- errors that name the right thing
+def test_a_finetune_that_freezes_everything_says_so() -> None:
+    """Regression: ended in torch's 'element 0 of tensors does not require grad'."""
+    from lightning_tricks import Finetune
+
+    with pytest.raises(ValueError, match=r"Finetune: the backbone \(\['conv', 'head'\]\) holds every parameter of "
+                                         r"TinyNet, so nothing would train"):
+        quiet_trainer(max_epochs=1, callbacks=[Finetune(backbone=["conv", "head"])]).fit(TinyNet(), loader())
+
+
+def test_a_teacher_that_cannot_take_the_inputs_is_named() -> None:
+    """Regression: a matmul shape error from inside transform_loss, without a word about the teacher."""
+    from lightning_tricks import Distillation
+
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(10, 4))  # the student's inputs have 16 features
+    with pytest.raises(ValueError, match=r"Distillation's teacher \(Sequential\) failed on the student's inputs of "
+                                         r"shape \(8, 1, 16\)"):
+        quiet_trainer(max_steps=1, callbacks=[Distillation(teacher)]).fit(TinyNet(), loader())
+
+
+class Transitions(pl.LightningModule):
+    """An RL-shaped module: 5-tuple batches (state, action, reward, done, next state) and an MSE loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(4, 2)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        state, action, reward, done, next_state = batch
+        value = self.q(state).gather(1, action.unsqueeze(1)).squeeze(1)
+        target = reward + 0.9 * self.q(next_state).max(1).values.detach() * (1 - done)
+        return F.mse_loss(value, target)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class MixinTransitions(TricksMixin, Transitions):
+    pass
+
+
+def transitions() -> DataLoader:
+    n = 16
+    return DataLoader(TensorDataset(torch.randn(n, 4), torch.randint(0, 2, (n,)), torch.randn(n),
+                                    torch.zeros(n), torch.randn(n, 4)), batch_size=4)
+
+
+def test_an_rl_batch_under_the_recipe_is_told_to_leave_the_loss_tricks_out() -> None:
+    """Regression: told to override tricks_unpack, where the fix is to leave label smoothing and mixup out."""
+    with pytest.raises(ValueError, match=r"Mixup mixes the training inputs.*or leave Mixup out"):
+        quiet_trainer(max_steps=1, callbacks=recipe(early_stopping=None)).fit(MixinTransitions(), transitions())
+    with pytest.raises(RuntimeError, match=r"LabelSmoothing: the training loss must go through.*For regression.*"
+                                           r"recipe\(label_smoothing=0, mixup=None\)"):
+        quiet_trainer(max_steps=1, callbacks=recipe(mixup=None, early_stopping=None)).fit(MixinTransitions(),
+                                                                                          transitions())
+    trainer = quiet_trainer(max_steps=2, callbacks=recipe(label_smoothing=0, mixup=None, early_stopping=None))
+    trainer.fit(MixinTransitions(), transitions())  # what the errors advise trains
+    assert trainer.global_step == 2

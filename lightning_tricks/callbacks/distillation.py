@@ -118,8 +118,15 @@ class Distillation(TrickCallback):
                 "on flattened (positions, K) logits)."
             )
         x = pl_module.tricks_inputs()
-        with torch.no_grad():
-            teacher_logits = self.teacher(x)
+        try:
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise ValueError(
+                f"Distillation's teacher ({type(self.teacher).__name__}) failed on the student's inputs of shape "
+                f"{tuple(x.shape)} ({type(error).__name__}: {error}). The teacher gets the inputs the student gets "
+                "(mixed, under Mixup): it must take the same input size."
+            ) from error
         if teacher_logits.shape != logits.shape:
             raise ValueError(
                 f"Distillation's teacher ({type(self.teacher).__name__}) returned logits of shape "

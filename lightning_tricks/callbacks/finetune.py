@@ -131,7 +131,17 @@ class Finetune(pl.Callback):
                         "every parameter (Finetune freezes and unfreezes them itself); a parameter frozen before "
                         "`configure_optimizers` is left out by it and would never train."
                     )
+        frozen = {id(p) for block in self._blocks for p in self._block_parameters(block)}
+        if self.unfrozen == 0 and all(id(p) in frozen for p in pl_module.parameters()):
+            raise ValueError(
+                f"Finetune: the backbone ({self._describe_backbone()}) holds every parameter of "
+                f"{type(pl_module).__name__}, so nothing would train while it is frozen. Name the backbone's blocks "
+                "only and leave the head out (e.g. `Finetune(backbone=['backbone'])`, not the whole model)."
+            )
         self._apply(pl_module, self.unfrozen, force=True)
+
+    def _describe_backbone(self) -> str:
+        return repr(self.backbone) if not callable(self.backbone) else "a predicate"
 
     # ------------------------------------------------------------------------------------------------ phases
     def blocks_to_unfreeze(self, now: int) -> int:
