@@ -27,7 +27,9 @@ class EMA(WeightAverage):
     timm and Lightning do; integer buffers are copied.
 
     Args:
-        decay: :math:`d \in [0, 1)`; the default 0.999 (1,000 updates of memory). Give ``decay`` or ``half_life``.
+        decay: :math:`d \in [0, 1)`, the default 0.999: a cap, reached after about 31,600 updates with ``warmup``
+            (before that the average covers about n^(2/3) updates; 1,000 without warmup). Give ``decay`` or
+            ``half_life``.
         half_life: the alternative: the number of optimizer steps after which an update's weight halves,
             :math:`d = 0.5^{1/h}` (Composer's form).
         warmup: ramp the decay up as timm does (above).
