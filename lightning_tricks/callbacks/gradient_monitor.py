@@ -140,6 +140,7 @@ class GradientMonitor(pl.Callback):
                          for opt in trainer.optimizers]
         self._whole_rows = len(trainer.optimizers) == 1 and self._columns[0] == list(range(len(params)))
         self._column_index = [torch.tensor(c, dtype=torch.long, device=self._device) for c in self._columns]
+        self._max_abs: list[Tensor | None] = [None] * len(trainer.optimizers)  # several optimizers: each one's last
         # One process on the CPU: the buffer is host memory (a NumPy view of it), so each step is judged before its
         # update; elsewhere at logging steps, with no per-step host read.
         single_cpu = trainer.world_size == 1 and self._device.type == "cpu"
@@ -204,6 +205,10 @@ class GradientMonitor(pl.Callback):
             target.copy_(norms)
         else:
             target.index_copy_(0, self._column_index[index], norms.float())
+        if len(trainer.optimizers) > 1:  # logged after the batch, when the optimizers may have dropped the gradients
+            present = [g for g in grads if g is not None]
+            if present:
+                self._max_abs[index] = torch.stack(torch._foreach_norm(present, ord=float("inf"))).float().max()
         scaler = self._scaler(trainer)
         if self._self_unscaling and scaler is not None:
             target[self._column_index[index]] = target[self._column_index[index]] / loss_scale(scaler).to(
@@ -250,8 +255,11 @@ class GradientMonitor(pl.Callback):
         n = len(self._row_steps)
         scaler = self._scaler(trainer)
         params = self.layout.params
-        grads = [local(p.grad) for p in params if p.grad is not None]
-        max_abs = torch.stack(torch._foreach_norm(grads, ord=float("inf"))).float().max()
+        if len(trainer.optimizers) > 1:
+            max_abs = torch.stack([m for m in self._max_abs if m is not None]).max()
+        else:
+            grads = [local(p.grad) for p in params if p.grad is not None]
+            max_abs = torch.stack(torch._foreach_norm(grads, ord=float("inf"))).float().max()
         if self._self_unscaling and scaler is not None:
             max_abs = max_abs / loss_scale(scaler).to(max_abs.device)
         max_abs = self._shard_sum.max(max_abs) if self._shard_sum else max_abs
