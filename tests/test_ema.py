@@ -218,3 +218,29 @@ def test_with_distillation() -> None:
         want = {k: 0.9 * want[k] + 0.1 * step[k] for k in want}
     for key, value in ema.averaged_state_dict().items():
         torch.testing.assert_close(value, want[key], atol=1e-6, rtol=0)
+
+
+class BuffersAgree(pl.Callback):
+    """After EMA (and EarlyStopping) finished the fit: every rank holds the same BatchNorm statistics."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        bn = pl_module.net[1]
+        for buf in (bn.running_mean, bn.running_var):
+            both = trainer.strategy.all_gather(buf.detach().clone())
+            assert torch.equal(both[0], both[1])
+        self.checked = True
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_ddp_ranks_end_with_the_same_batchnorm_statistics(stop: bool) -> None:
+    """Regression: the last BatchNorm update is rank-local, so EMA's average (and EarlyStopping's restored weights)
+    ended with different running statistics on each rank."""
+    from tests.test_swa import BNNet
+
+    check = BuffersAgree()
+    callbacks: list[pl.Callback] = [EMA(0.9)]
+    if stop:
+        callbacks.append(EarlyStopping("val_loss", restore_best_weights=True, checkpoint_on_stop=False))
+    trainer = quiet_trainer(devices=2, strategy="ddp_fork", max_epochs=2, callbacks=[*callbacks, check])
+    trainer.fit(BNNet(), loader(64, 8, shuffle=True), loader(32, 8))
+    assert trainer.state.finished

@@ -129,3 +129,43 @@ def test_bad_arguments(kwargs: dict, match: str) -> None:
 def test_a_start_after_the_run_is_refused() -> None:
     with pytest.raises(ValueError, match=r"SWA starts at epoch 5 \(start=5\), after the end of the run"):
         quiet_trainer(max_epochs=3, callbacks=[SWA(start=5)]).fit(TinyNet(), loader())
+
+
+class ValLosses(pl.Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.values.append(float(trainer.callback_metrics["val_loss"]))
+
+
+def test_each_validation_sees_the_average_that_includes_its_epoch() -> None:
+    """Regression: validation in epoch e evaluated the average of the epoch ends up to e - 1 (two epochs logged the
+    same val_loss; the last logged one was not the final model's)."""
+    seen, swa = ValLosses(), SWA(start=1)
+    model = TinyNet(lr=0.05)
+    trainer = quiet_trainer(max_epochs=4, callbacks=[swa, seen])
+    trainer.fit(model, loader(64, 8), loader(32, 8))
+    assert len(seen.values) == 4 and len(set(seen.values[1:])) == 3
+    final = quiet_trainer().validate(model, loader(32, 8), verbose=False)[0]["val_loss"]
+    assert seen.values[-1] == pytest.approx(final, abs=1e-6)
+
+
+@pytest.mark.parametrize("swa_first", [True, False])
+def test_swa_and_early_stopping_end_on_the_same_weights_in_either_order(swa_first: bool) -> None:
+    """Regression: with EarlyStopping first, SWA re-estimated BatchNorm on the weights EarlyStopping restored."""
+    from lightning_tricks import EarlyStopping
+
+    finals = []
+    for first in (swa_first, not swa_first):
+        pl.seed_everything(5, verbose=False)
+        swa, stop = SWA(start=1), EarlyStopping("val_loss", patience=10, restore_best_weights=True,
+                                                checkpoint_on_stop=False)
+        model = BNNet()
+        quiet_trainer(max_epochs=3, callbacks=[swa, stop] if first else [stop, swa]).fit(
+            model, loader(64, 8), loader(32, 8))
+        finals.append({k: v.clone() for k, v in model.state_dict().items()})
+        assert torch.equal(model.net[1].running_mean, stop.best_weights["net.1.running_mean"])  # the evaluated stats
+    for key in finals[0]:
+        assert torch.equal(finals[0][key], finals[1][key]), key

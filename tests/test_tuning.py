@@ -340,3 +340,26 @@ def _space_file(folder: Path) -> Path:
     path = folder / "space.yaml"
     path.write_text("model.lr:\n  log_uniform: [0.001, 0.1]\n")
     return path
+
+
+class Layered(TinyNet):
+    """Layer-wise lrs: the head at `lr`, the conv below at half of it (group 0 is the bottom layer)."""
+
+    def configure_optimizers(self) -> Any:
+        from lightning_tricks import adamw
+
+        return adamw(self, lr=self.hparams.lr, layer_decay=0.5)
+
+
+def test_apply_with_layer_wise_groups_puts_every_group_where_the_sweep_chose() -> None:
+    """Regression: apply() set `lr` to group 0's (the bottom layer's) lr, so the head trained 2x (1024x on a
+    ResNet-18) below the chosen point."""
+    model = Layered(lr=0.05)
+    before = [g["lr"] for g in model.configure_optimizers().param_groups]
+    result = lr_find(model, loader(256, 8, shuffle=True), num_steps=30, min_lr=1e-4, max_lr=1.0)
+    assert result.start_lr == pytest.approx(before[0])
+    result.apply(model, "steep")
+    after = [g["lr"] for g in model.configure_optimizers().param_groups]
+    assert after[0] == pytest.approx(result.steep, rel=1e-9)  # group 0 at the sweep's chosen point
+    assert [a / after[0] for a in after] == pytest.approx([b / before[0] for b in before], rel=1e-9)  # ratios kept
+    assert max(after) == pytest.approx(model.hparams.lr) and model.hparams.lr == pytest.approx(2 * result.steep)
