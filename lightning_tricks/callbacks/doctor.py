@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,10 +16,13 @@ from typing_extensions import override
 
 from lightning_tricks.callbacks.gradient_monitor import GradientMonitor
 from lightning_tricks.callbacks.warmup_cosine import WarmupCosine
+from lightning_tricks.diagnosis import OVERSHOOT, RULES, SEVERITIES, Context, EpochRecord, Settings, diagnose
 from lightning_tricks.functional._checks import check_number
 
-SEVERITIES = ("info", "warning", "error")
 _CHUNK = 512  # batches per stacked chunk of the per-batch records (bounds the number of live scalar tensors)
+_ORDER = {code: i for i, code in enumerate(
+    ["overfit_check_failed", "nonfinite_data", "nonfinite_loss", *(name for name, _ in RULES[1:]), "unknown",
+     "ended_in_warmup", "overfit_check_passed", "too_short", "healthy"])}
 
 
 @dataclass
@@ -44,20 +46,6 @@ class Finding:
 
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-@dataclass
-class _Epoch:
-    epoch: int
-    step: int
-    train_loss: float | None
-    val_loss: float | None
-    lr: float | None
-    val_metric: float | None
-    step_loss_mean: float
-    step_loss_max: float
-    nonfinite_loss_steps: int
-    grad: dict[str, float] = field(default_factory=dict)
 
 
 class TrainingDoctor(pl.Callback):
@@ -134,13 +122,16 @@ class TrainingDoctor(pl.Callback):
         self.overfit_tolerance, self.patience, self.spike_ratio = overfit_tolerance, patience, spike_ratio
         self.out_dir = out_dir
         self.findings: list[Finding] = []
-        self.history: list[_Epoch] = []
+        self.history: list[EpochRecord] = []
+        self._missing_warned = False
         self.report_paths: list[str] = []
 
     # ------------------------------------------------------------------ per step: device only
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.findings, self.history, self.report_paths = [], [], []
+        if not self.__dict__.pop("_resumed", False):
+            self.findings, self.history, self._missing_warned = [], [], False
+        self.report_paths = []
         self._reset_epoch()
         checked = pl_module.__dict__.get("tricks_overfit_result")  # from lightning_tricks.tuning.overfit_check
         if checked is not None:
@@ -204,7 +195,7 @@ class TrainingDoctor(pl.Callback):
         ok = np.isfinite(losses)
         finite_in = np.isfinite(rows[:, 1]) | ok  # inputs are judged where the loss is non-finite only
         m = trainer.callback_metrics
-        rec = _Epoch(
+        rec = EpochRecord(
             epoch=trainer.current_epoch,
             step=trainer.global_step,
             train_loss=_metric(m, f"{self.train_loss}_epoch") or _metric(m, self.train_loss),
@@ -214,15 +205,45 @@ class TrainingDoctor(pl.Callback):
             step_loss_mean=float(losses[ok].mean()) if ok.any() else float("nan"),
             step_loss_max=float(losses[ok].max()) if ok.any() else float("nan"),
             nonfinite_loss_steps=int((~ok).sum()),
+            first_step_loss=float(losses[ok][0]) if ok.any() else None,
+            nonfinite_input_batches=int((~finite_in).sum()),
+            first_nonfinite_loss_step=int(steps[~ok][0]) if (~ok).any() else -1,
+            first_nonfinite_input_step=int(steps[~finite_in][0]) if (~finite_in).any() else -1,
             grad={k: float(v) for k, v in m.items() if k.startswith(("grad/", "amp/"))},
         )
         self.history.append(rec)
-        first_bad_loss = int(steps[~ok][0]) if (~ok).any() else -1
-        first_bad_input = int(steps[~finite_in][0]) if (~finite_in).any() else -1
-        self._diagnose(trainer, rec, first_bad_loss=first_bad_loss, bad_inputs=int((~finite_in).sum()),
-                       first_bad_input=first_bad_input)
+        self._check_watched_keys(trainer, rec)
+        settings = Settings(self.min_epochs, self.flat_tolerance, self.overfit_tolerance, self.patience,
+                            self.spike_ratio, self.val_metric)
+        schedule = _schedule(trainer)
+        monitor = next((cb for cb in trainer.callbacks if isinstance(cb, GradientMonitor)), None)
+        context = Context(peak_lr=_peak_lr(schedule),
+                          in_warmup=schedule is not None and trainer.global_step < (schedule.warmup_steps or 0),
+                          monitor_stop_message=getattr(monitor, "stop_message", None))
+        for d in diagnose(self.history, settings, context):
+            if d.code == "underfitting" and any(f.code in OVERSHOOT for f in self.findings):
+                continue  # the loss is held up by overshooting updates, not by a small model
+            self._add(trainer, d.code, d.severity, d.title, d.evidence, d.advice)
 
-    # ------------------------------------------------------------------ the diagnosis table
+    def _check_watched_keys(self, trainer: pl.Trainer, rec: EpochRecord) -> None:
+        """No data, no verdict: when the watched training loss was never logged (or the validation loss, while a
+        validation loop runs), say once which keys were logged and which could be watched."""
+        missing = [] if rec.train_loss is not None else [self.train_loss]
+        validated = trainer.val_dataloaders is not None and trainer.num_val_batches and sum(trainer.num_val_batches)
+        if rec.val_loss is None and validated:
+            missing.append(self.val_loss)
+        if not missing or self._missing_warned:
+            return
+        self._missing_warned = True
+        logged = sorted(k for k in trainer.callback_metrics if not k.startswith(("grad/", "amp/", "doctor/")))
+        candidates = [k for k in logged if "loss" in k]
+        self._add(trainer, "unknown", "warning", f"the watched metrics {missing} were never logged: the doctor cannot "
+                  "judge the loss trends", {"missing": ", ".join(missing), "logged": ", ".join(logged) or "(none)"},
+                  [f"pass the keys your module logs, e.g. TrainingDoctor(train_loss={candidates[0]!r}"
+                   + (f", val_loss={candidates[1]!r})" if len(candidates) > 1 else ")") if candidates else
+                   "log the training loss (self.log('train_loss', loss)) and the validation loss ('val_loss')"])
+
+    # ------------------------------------------------------------------ the findings
     def _add(self, trainer: pl.Trainer, code: str, severity: str, title: str, evidence: dict[str, Any],
              advice: list[str]) -> None:
         if any(f.code == code for f in self.findings):
@@ -232,127 +253,6 @@ class TrainingDoctor(pl.Callback):
         if severity != "info":
             rank_zero_warn(f"TrainingDoctor: {title} ({', '.join(f'{k}={_fmt(v)}' for k, v in evidence.items())}). "
                            f"Next: {advice[0]}")
-
-    def _diagnose(self, trainer: pl.Trainer, rec: _Epoch, first_bad_loss: int, bad_inputs: int,
-                  first_bad_input: int) -> None:
-        h = self.history
-        # 1. non-finite loss
-        nonfinite = rec.nonfinite_loss_steps > 0 or (rec.train_loss is not None and not math.isfinite(rec.train_loss))
-        if nonfinite or bad_inputs:
-            self._nonfinite(trainer, rec, first_bad_loss, bad_inputs, first_bad_input)
-        # gradient flags from GradientMonitor
-        for key in rec.grad:
-            for kind in ("vanishing", "exploding"):
-                if key.startswith(f"grad/{kind}/") and rec.grad[key] == 1.0:
-                    group = key.rsplit("/", 1)[-1]
-                    self._add(trainer, f"{kind}_gradients", "warning",
-                              f"the gradients of '{group}' are {kind}", {"group": group, "epoch": rec.epoch},
-                              ["exploding: clip gradients (gradient_clip_val=1.0), lower the lr, add normalisation"
-                               if kind == "exploding" else
-                               "vanishing: check the init (He for ReLU), add residual connections or normalisation, "
-                               "raise that group's lr"])
-        if len(h) < self.min_epochs or nonfinite:
-            return
-        losses = [e.train_loss for e in h if e.train_loss is not None and math.isfinite(e.train_loss)]
-        # 2. training loss does not fall
-        if len(losses) >= self.min_epochs:
-            first, now = losses[0], losses[-1]
-            fall = (first - now) / abs(first) if first else 0.0
-            schedule = _schedule(trainer)
-            in_warmup = schedule is not None and trainer.global_step < (schedule.warmup_steps or 0)
-            if fall < self.flat_tolerance and not in_warmup:  # (a run inside its warmup is reported at fit end)
-                ev: dict[str, Any] = {"first_epoch_loss": first, "now": now, "relative_fall": fall}
-                peak = _peak_lr(schedule)
-                # The lr that a schedule lowered on purpose (the cosine's tail) is not a cause: judge the peak lr.
-                scheduled_low = peak is not None and rec.lr is not None and rec.lr < 0.5 * peak
-                ev |= {"peak_lr": peak, "lr_now": rec.lr} if peak is not None else {"lr": rec.lr}
-                ratios = [v for k, v in rec.grad.items() if k.startswith("grad/update_ratio/")]
-                if ratios and not scheduled_low:
-                    ev["max_update_ratio"] = max(ratios)
-                small_lr = bool(ratios) and max(ratios) < 1e-5 and not scheduled_low
-                lr_name = f"the peak lr ({_fmt(peak)})" if peak is not None else f"the lr ({_fmt(rec.lr)})"
-                self._add(trainer, "loss_not_falling", "warning", "the training loss does not fall", ev, [
-                    ("the lr is far too small: updates are under 1e-5 of the weights (1e-3 is typical); raise it or "
-                     "run lightning_tricks.tuning.lr_find") if small_lr else
-                    f"{lr_name} too small? try 10x, or lightning_tricks.tuning.lr_find",
-                    "data or labels wrong? look at a batch: do the labels match the inputs (not shuffled apart)?",
-                    "output size mismatch? the head must output one logit per class",
-                    "can the model overfit one batch? lightning_tricks.tuning.overfit_check(model, loader): if not, "
-                    "it is a bug",
-                ])
-        # 3. training loss falls, validation does not
-        vals = [(e.epoch, e.val_loss) for e in h if e.val_loss is not None and math.isfinite(e.val_loss)]
-        if len(vals) >= self.min_epochs and len(losses) >= 2:
-            best_epoch, best = min(vals, key=lambda t: t[1])
-            last = vals[-self.patience:]
-            # persistently worse: each of the last `patience` epochs, all after the best one, is above the tolerance
-            persistent = len(last) == self.patience and all(
-                ep > best_epoch and v > best * (1 + self.overfit_tolerance) for ep, v in last)
-            train_at_best = next((e.train_loss for e in h if e.epoch == best_epoch), None)
-            still_falling = train_at_best is not None and losses[-1] < train_at_best
-            # a validation loss that rises while the validation metric (accuracy) holds is calibration drift, which
-            # mixup and label smoothing cause on purpose, not overfitting: the metric must be down too
-            metrics = [e.val_metric for e in h if e.val_metric is not None and math.isfinite(e.val_metric)]
-            metric_down = not metrics or all(m < max(metrics) * (1 - 0.01) for m in metrics[-self.patience:])
-            if persistent and still_falling and metric_down:
-                advice = ["regularise: weight decay, dropout, data augmentation, mixup or label smoothing",
-                          "stop early and keep the best weights: EarlyStopping(restore_best_weights=True)",
-                          "more data, or a smaller model"]
-                if best_epoch == 0:
-                    advice.append("validation never improved: check for leakage or a validation set that is too "
-                                  "small or from another distribution")
-                ev = {"best_val_loss": best, "best_epoch": best_epoch, "val_loss_now": vals[-1][1],
-                      "train_loss_at_best": train_at_best, "train_loss_now": losses[-1]}
-                if metrics:
-                    ev |= {f"best_{self.val_metric}": max(metrics), f"{self.val_metric}_now": metrics[-1]}
-                self._add(trainer, "overfitting", "warning", "the training loss falls but the validation loss does not",
-                          ev, advice)
-        # 4. unstable or spiky loss
-        spiky = [e.epoch for e in h[1:]
-                 if e.step_loss_mean > 0 and e.step_loss_max > self.spike_ratio * e.step_loss_mean]
-        rises = [h[i].epoch for i in range(max(1, len(h) - 6), len(h))
-                 if h[i].train_loss is not None and h[i - 1].train_loss is not None
-                 and h[i].train_loss > 1.5 * h[i - 1].train_loss]
-        if len(spiky) >= 2 or len(rises) >= 2:
-            self._add(trainer, "unstable_loss", "warning", "the training loss is unstable or spiky",
-                      {"epochs_with_spikes": len(spiky), "epoch_loss_rises_over_50pct": len(rises),
-                       "worst_spike_ratio": max((e.step_loss_max / e.step_loss_mean for e in h if e.step_loss_mean > 0),
-                                                default=0.0), "lr": rec.lr},
-                      ["add or lengthen the lr warmup (WarmupCosine)", "lower the lr",
-                       "clip gradients (gradient_clip_val=1.0)", "add normalisation layers (BatchNorm/LayerNorm)"])
-
-    def _nonfinite(self, trainer: pl.Trainer, rec: _Epoch, first_bad_loss: int, bad_inputs: int,
-                   first_bad_input: int) -> None:
-        if any(f.code in ("nonfinite_data", "nonfinite_loss") for f in self.findings):
-            return  # reported when it first appeared (a NaN loss usually stays NaN: the weights are NaN by then)
-        ev: dict[str, Any] = {"nonfinite_loss_steps": rec.nonfinite_loss_steps, "lr": rec.lr}
-        if first_bad_loss >= 0:
-            ev["first_nonfinite_loss_step"] = first_bad_loss
-        advice: list[str] = []
-        if bad_inputs:
-            ev["nonfinite_input_batches"] = bad_inputs
-            ev["first_nonfinite_input_step"] = first_bad_input
-            advice.append(f"NaN/inf in the data (first at step {first_bad_input}): check the dataset and the "
-                          "augmentations; assert torch.isfinite(x).all() in the dataset")
-        monitor = next((cb for cb in trainer.callbacks if isinstance(cb, GradientMonitor)), None)
-        if monitor is not None and getattr(monitor, "stop_message", None):
-            ev["gradient_monitor"] = monitor.stop_message
-        norms = [e.grad.get("grad/norm_max") for e in self.history if e.grad.get("grad/norm_max") is not None]
-        norms = [n for n in norms if math.isfinite(n)]
-        if len(norms) >= 2 and norms[-1] > 100 * norms[0]:
-            ev["grad_norm_growth"] = norms[-1] / norms[0]
-            advice.append("exploding gradients: clip them (gradient_clip_val=1.0) and lower the lr")
-        peak = _peak_lr(_schedule(trainer))
-        lr_name = f"peak lr = {_fmt(peak)}" if peak is not None else f"lr = {_fmt(rec.lr)}"
-        advice += [f"lr too large? ({lr_name}): try 10x smaller, with a warmup, or lightning_tricks.tuning.lr_find",
-                   "clip gradients (gradient_clip_val=1.0)",
-                   "numerics: use log_softmax/cross_entropy rather than log(softmax), add eps to divisions and logs, "
-                   "prefer bf16 to fp16"]
-        if bad_inputs and first_bad_input == first_bad_loss:  # the first NaN/inf loss came with NaN/inf inputs
-            self._add(trainer, "nonfinite_data", "error", "the training data holds NaN/inf values (the loss became "
-                      "NaN/inf at the first step whose inputs did)", ev, advice)
-        else:
-            self._add(trainer, "nonfinite_loss", "error", "the loss became NaN/inf", ev, advice)
 
     # ------------------------------------------------------------------ report
     @override
@@ -369,7 +269,7 @@ class TrainingDoctor(pl.Callback):
         if len(h) < self.min_epochs:
             self._add(trainer, "too_short", "info", f"only {len(h)} epoch(s): too short to judge the loss trends",
                       {"epochs": len(h), "min_epochs": self.min_epochs}, ["train longer for a diagnosis"])
-        elif not any(f.severity != "info" for f in self.findings):
+        elif not any(f.severity != "info" for f in self.findings):  # ("unknown" is a warning: never healthy)
             losses = [e.train_loss for e in h if e.train_loss is not None]
             vals = [e.val_loss for e in h if e.val_loss is not None]
             ev: dict[str, Any] = {"train_loss_first": losses[0], "train_loss_last": losses[-1]} if losses else {}
@@ -385,11 +285,16 @@ class TrainingDoctor(pl.Callback):
             self._write(folder)
         rank_zero_info(self.report() + (f"\n(written to {self.report_paths[0]})" if self.report_paths else ""))
 
+    def ordered_findings(self) -> list[Finding]:
+        """The findings in the report's order: errors, then warnings, then information, each by the rules' priority
+        (the first is the verdict)."""
+        order = {s: i for i, s in enumerate(reversed(SEVERITIES))}
+        return sorted(self.findings, key=lambda f: (order[f.severity], _ORDER.get(f.code, len(_ORDER))))
+
     def report(self) -> str:
         """The findings as Markdown."""
         lines = ["## TrainingDoctor report", ""]
-        order = {s: i for i, s in enumerate(reversed(SEVERITIES))}
-        lines += [f.markdown() for f in sorted(self.findings, key=lambda f: order[f.severity])] or ["(nothing)"]
+        lines += [f.markdown() for f in self.ordered_findings()] or ["(nothing)"]
         return "\n".join(lines)
 
     def _write(self, folder: str) -> None:
@@ -401,6 +306,21 @@ class TrainingDoctor(pl.Callback):
             json.dump({"findings": [asdict(x) for x in self.findings], "history": [asdict(e) for e in self.history]},
                       f, indent=1, default=str)
         self.report_paths = [md, js]
+
+    # ------------------------------------------------------------------ checkpoint
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [asdict(e) for e in self.history], "findings": [asdict(f) for f in self.findings],
+                "missing_warned": self._missing_warned}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A resumed run continues the history: the same report as the uninterrupted run. (Lightning restores
+        # callback state before on_fit_start, and after it for strategies that restore after setup.)
+        self.history = [EpochRecord(**e) for e in state_dict.get("history", [])]
+        self.findings = [Finding(**f) for f in state_dict.get("findings", [])]
+        self._missing_warned = state_dict.get("missing_warned", False)
+        self._resumed = True
 
     @property
     def worst_severity(self) -> str:
