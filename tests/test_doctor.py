@@ -166,8 +166,13 @@ def test_demo_recipe_raises_no_false_alarm() -> None:
     from lightning_tricks.demo.run import recipe_callbacks
 
     train, test = mnist1d()
-    doctor = _run(Classifier(ConvBase()), DataLoader(train, batch_size=100, shuffle=True),
-                  DataLoader(test, batch_size=1000), epochs=8, callbacks=recipe_callbacks())
+    callbacks = recipe_callbacks()
+    trainer = quiet_trainer(max_epochs=8, callbacks=callbacks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Classifier(ConvBase()), DataLoader(train, batch_size=100, shuffle=True),
+                    DataLoader(test, batch_size=1000))
+    doctor = next(cb for cb in callbacks if isinstance(cb, TrainingDoctor))
     assert doctor.worst_severity == "info", doctor.report()
 
 
@@ -184,3 +189,59 @@ def test_too_short_to_judge() -> None:
 def test_bad_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TrainingDoctor(**kwargs)
+
+
+class OtherKeys(TinyNet):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        self.log("loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/loss", torch.nn.functional.cross_entropy(self(x), y))
+
+
+@pytest.mark.parametrize(("model", "doctor"), [(OtherKeys, TrainingDoctor()), (TinyNet, TrainingDoctor("nope"))])
+def test_no_data_no_verdict(model: type, doctor: TrainingDoctor) -> None:
+    """Regression: a module that logs other keys (or a key that does not exist) was called healthy on no evidence."""
+    trainer = quiet_trainer(max_epochs=4, callbacks=[doctor])
+    with pytest.warns(UserWarning, match=r"TrainingDoctor: the watched metrics \[.*\] were never logged"):
+        trainer.fit(model(), loader(), loader(32))
+    assert next(f.code for f in doctor.ordered_findings()) == "unknown" and "healthy" not in _codes(doctor)
+    unknown = next(f for f in doctor.findings if f.code == "unknown")
+    if model is OtherKeys:
+        assert "val/loss" in unknown.evidence["logged"] and "train_loss='loss'" in unknown.advice[0]
+
+
+class Memoriser(TinyNet):
+    """A wide net that memorises 64 samples (its loss nears 0, its gradients shrink by nature)."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.01)
+        self.head = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 4))
+
+
+@pytest.mark.parametrize("resume_at", [1, 2, 3, 4])
+def test_a_resumed_run_gets_the_uninterrupted_report(resume_at: int, tmp_path: Any) -> None:
+    """Regression: a run resumed from an epoch-end checkpoint restarted its history (too_short, loss_not_falling)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(epochs: int, ckpt: str | None = None) -> TrainingDoctor:
+        pl.seed_everything(0, verbose=False)
+        doctor = TrainingDoctor()
+        saver = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+        trainer = quiet_trainer(max_epochs=epochs, enable_checkpointing=True, callbacks=[GradientMonitor(), doctor,
+                                                                                        saver])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(Memoriser(), loader(64, 8), loader(32, 8, seed=1), ckpt_path=ckpt)
+        return doctor
+
+    full = fit(6)
+    resumed = fit(6, str(tmp_path / f"epoch={resume_at - 1}.ckpt"))
+    assert len(resumed.history) == len(full.history) == 6
+    assert [(f.code, f.epoch) for f in resumed.ordered_findings()] == [(f.code, f.epoch)
+                                                                       for f in full.ordered_findings()]
+    assert resumed.report() == full.report()

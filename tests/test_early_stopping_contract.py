@@ -26,7 +26,7 @@ def test_any_metric_name_constructs_and_takes_lightnings_default_mode() -> None:
 
 
 def test_a_bad_mode_raises_lightnings_error() -> None:
-    with pytest.raises(MisconfigurationException, match="`mode` can be .* got unknown_option"):
+    with pytest.raises(MisconfigurationException, match=r"`mode` can be .* got unknown_option"):
         EarlyStopping(monitor="foo", mode="unknown_option")
 
 

@@ -308,6 +308,11 @@ class TrainingDoctor(pl.Callback):
         self.report_paths = [md, js]
 
     # ------------------------------------------------------------------ checkpoint
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(train_loss=self.train_loss, val_loss=self.val_loss)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": [asdict(e) for e in self.history], "findings": [asdict(f) for f in self.findings],
