@@ -51,28 +51,18 @@ def _fmt(v: Any) -> str:
 class TrainingDoctor(pl.Callback):
     r"""Watch train/validation loss, lr and gradient statistics and report the guide's diagnosis table.
 
-    Findings (each with a severity, the numbers that support it and the next action):
+    Findings (each with a severity, the numbers that support it and the next action), judged at each training
+    epoch's end by the rules of :mod:`lightning_tricks.diagnosis` (one small function per finding):
+    ``nonfinite_loss``/``nonfinite_data`` and ``diverging_loss`` (errors); ``rising_loss``, ``exploding_growth``,
+    ``exploding_gradients``, ``unstable_loss``, ``vanishing_gradients`` (only while the loss is still high),
+    ``loss_not_falling``, ``overfitting``, ``underfitting``, ``unknown`` (the watched metrics were never logged: no
+    data, no verdict) and ``ended_in_warmup`` (warnings); ``overfit_check_failed`` (error) / ``overfit_check_passed``
+    (the verdict of :func:`lightning_tricks.tuning.overfit_check` run before the fit); ``healthy`` / ``too_short``
+    (info). A run whose loss rose or whose gradients grew is never told to raise the lr; a flat loss is told a
+    direction for the lr only when the update-to-weight ratio gives one. ``docs/doctor.md`` has the table and how
+    right it is on runs whose fault is known.
 
-    * ``nonfinite_loss`` (error): the loss became NaN/inf; the step, whether the inputs held NaN/inf, the
-      gradient norm's growth and the first non-finite group (from :class:`GradientMonitor`) tell lr too large,
-      exploding gradients, bad data or numerics apart.
-    * ``loss_not_falling`` (warning): after ``min_epochs``, the epoch training loss fell by less than
-      ``flat_tolerance`` from the first epoch: lr too small (with the update/weight ratio when the monitor runs),
-      data or labels wrong, output size mismatch.
-    * ``overfitting`` (warning): training loss still falls while validation loss is more than
-      ``overfit_tolerance`` (20 %) above its best in each of the last ``patience`` (3) epochs, and the
-      validation metric (``val_metric``, accuracy by default) stayed more than 1 % below its best in those
-      epochs: regularise; if validation never improved, possible leakage or too small a validation set. (A
-      validation loss that rises while accuracy holds is calibration drift, which mixup and label smoothing
-      cause on purpose: not flagged.)
-    * ``unstable_loss`` (warning): steps whose loss is ``spike_ratio`` times the epoch mean, or an epoch loss
-      that rose by more than 50 % over the previous one, in two epochs or more: warmup, lower lr, clipping,
-      normalisation layers.
-    * ``vanishing_gradients`` / ``exploding_gradients`` (warning): flagged by :class:`GradientMonitor`.
-    * ``overfit_check_failed`` (error) / ``overfit_check_passed`` (info): the verdict of
-      :func:`lightning_tricks.tuning.overfit_check` run on the module before the fit.
-    * ``ended_in_warmup`` (warning): with :class:`WarmupCosine`, the run ended before the lr reached its peak.
-    * ``healthy`` / ``too_short`` (info).
+    The history and the findings are in the checkpoint: a resumed run gets the uninterrupted run's report.
 
     The lr it quotes is the schedule's peak when :class:`WarmupCosine` runs: a low lr in the warmup or in the cosine's
     tail is set on purpose and is never blamed.
