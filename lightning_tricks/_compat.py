@@ -69,3 +69,14 @@ def fit_train_dataloader(trainer: pl.Trainer) -> Any:
     """
     trainer.fit_loop.setup_data()
     return trainer.train_dataloader
+
+
+def writes_sharded_checkpoint(trainer: pl.Trainer) -> bool:
+    """Whether the Trainer's checkpoints are distributed checkpoints (a folder of per-rank shards, written by
+    ``torch.distributed.checkpoint``): ``ModelParallelStrategy`` with its default ``save_distributed_checkpoint=True``
+    (the flag is kept privately). Every rank's shards of ``checkpoint["state_dict"]`` reach the disk then; the rest of
+    the checkpoint is written by rank 0 alone."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = trainer.strategy
+    return isinstance(strategy, ModelParallelStrategy) and bool(strategy._save_distributed_checkpoint)

@@ -75,10 +75,14 @@ def data(n: int = 128, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=8)
 
 
+DEVICES = int(os.environ.get("FSDP2_DEVICES", "2"))  # the reshard case reads with another number of processes
+
+
 def trainer(out: Path, **kw: Any) -> pl.Trainer:
     args: dict[str, Any] = dict(
-        accelerator="cpu", devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, timeout=timedelta(seconds=90)),
+        accelerator="cpu", devices=DEVICES,
+        strategy=ModelParallelStrategy(data_parallel_size=DEVICES, tensor_parallel_size=1,
+                                       timeout=timedelta(seconds=90)),
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=str(out),
     )
@@ -274,6 +278,101 @@ def case_swa(out: Path) -> None:
     want = [torch.stack(parts).mean(0) for parts in zip(*ends.ends[1:])]
     now = [p.to_local().double() for p in model.parameters()]
     assert swa.updates == 3 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(now, want))
+
+
+class KeptState(pl.Callback):
+    """Each rank's shards of the EMA and SWA averages and of EarlyStopping's best weights: at every checkpoint save
+    (``saved``, by step), right after a resume's restore (``restored``), and at the end of training (``final``).
+    Put it after those callbacks."""
+
+    def __init__(self) -> None:
+        self.saved: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+        self.restored: dict[str, dict[str, torch.Tensor]] | None = None
+        self.final: dict[str, dict[str, torch.Tensor]] = {}
+
+    @staticmethod
+    def take(trainer: pl.Trainer) -> dict[str, dict[str, torch.Tensor]]:
+        """Whole tensors (every rank's shards gathered, laid out as the module's): a collective call."""
+        like = trainer.lightning_module.state_dict()
+
+        def whole(key: str, shard: torch.Tensor) -> torch.Tensor:
+            ref = like[key]
+            if not isinstance(ref, DTensor):
+                return shard.detach().clone()
+            return DTensor.from_local(shard.to(ref.device), ref.device_mesh, ref.placements, run_check=False,
+                                      shape=ref.shape, stride=ref.stride()).full_tensor().clone()
+
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for cb in trainer.callbacks:
+            if isinstance(cb, (EMA, SWA)) and cb.has_average:
+                out[type(cb).__name__] = {k: whole(k, v) for k, v in cb.averaged_state_dict().items()
+                                          if v.is_floating_point()}
+            elif isinstance(cb, EarlyStopping) and cb.best_weights is not None:
+                out["EarlyStopping"] = {k: whole(k, v) for k, v in cb.best_weights.items()}
+        return out
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Any) -> None:
+        self.saved[trainer.global_step] = self.take(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.restored = self.take(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.final = self.take(trainer)
+
+
+def kept(out: Path, epochs: int, ckpt: str | None = None, every_n_train_steps: int | None = None) -> KeptState:
+    """EMA, SWA and EarlyStopping's best weights under FSDP2, with checkpoints per epoch (or every n steps)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(dirpath=out / "ckpt", save_top_k=-1, filename="{step}",
+                            every_n_train_steps=every_n_train_steps, every_n_epochs=None if every_n_train_steps else 1)
+    state = KeptState()
+    callbacks = [EMA(0.9, evaluate_with_ema=False, keep_ema_at_end=False), SWA(start=1, keep_swa_at_end=False),
+                 EarlyStopping("val_loss", patience=10, restore_best_weights=True, checkpoint_on_stop=False),
+                 saver, state]
+    t = trainer(out, max_epochs=epochs, enable_checkpointing=True, callbacks=callbacks)
+    t.fit(ShardedNet(), data(64), data(32, seed=1), ckpt_path=ckpt)
+    return state
+
+
+def same(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> None:
+    assert a.keys() == b.keys() == {"EMA", "SWA", "EarlyStopping"}, (a.keys(), b.keys())
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for key in a[name]:
+            x, y = a[name][key].double(), b[name][key].double()
+            assert torch.allclose(x, y, atol=1e-6), (name, key, float((x - y).abs().max()))
+
+
+def case_resume_keeps_callback_state(out: Path) -> None:
+    """From an end-of-epoch checkpoint, the resumed run ends with the uninterrupted run's EMA and SWA averages and
+    best weights; from a mid-epoch one, each callback's state right after loading is the state that was saved."""
+    full = kept(out / "full", epochs=4)
+    steps = sorted(full.saved)
+    assert len(steps) == 4  # one folder per epoch, each holding the callbacks' shards
+    resumed = kept(out / "resumed", epochs=4, ckpt=str(out / "full" / "ckpt" / f"step={steps[1]}.ckpt"))
+    assert resumed.restored is not None
+    same(resumed.restored, full.saved[steps[1]])
+    same(resumed.final, full.final)
+    # 4 batches an epoch per rank: step 11 is in epoch 2, after SWA's first update (the end of epoch 1)
+    mid = kept(out / "mid", epochs=3, every_n_train_steps=11)
+    again = kept(out / "mid_resumed", epochs=3, ckpt=str(out / "mid" / "ckpt" / "step=11.ckpt"),
+                 every_n_train_steps=11)
+    assert again.restored is not None
+    same(again.restored, mid.saved[11])
+    if dist.get_rank() == 0:  # for the reshard case: what the 2-process run saved at the end of epoch 1
+        torch.save({"path": str(out / "full" / "ckpt" / f"step={steps[1]}.ckpt"), "state": full.saved[steps[1]]},
+                   out.parent / "written_by_2.pt")
+
+
+def case_reshard_read(out: Path) -> None:
+    """Run with FSDP2_DEVICES=1 after case_resume_keeps_callback_state: the checkpoint that 2 processes wrote is
+    read by 1; each callback's state after loading equals what was saved (resharded by the distributed checkpoint)."""
+    written = torch.load(out.parent / "written_by_2.pt", weights_only=False)
+    resumed = kept(out / "resumed", epochs=3, ckpt=written["path"])
+    assert resumed.restored is not None
+    same(resumed.restored, written["state"])
 
 
 def case_lr_find(out: Path) -> None:

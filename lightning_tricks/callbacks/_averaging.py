@@ -7,10 +7,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_tricks._compat import writes_sharded_checkpoint
+from lightning_tricks._sharded_state import add_shards, load_shards
 from lightning_tricks._sharding import agree_on_buffers, is_sharded, local
 
 
@@ -39,6 +41,8 @@ class WeightAverage(pl.Callback):
         self._backup: list[Tensor] | None = None
         self._loaded: dict[str, Tensor] | None = None
         self._sharded = False
+        self._sharded_checkpoints = False
+        self._checkpoint_path: str | None = None
 
     # ------------------------------------------------------------------ the module's tensors
     def _collect(self, pl_module: pl.LightningModule) -> None:
@@ -87,7 +91,7 @@ class WeightAverage(pl.Callback):
         in the module's dtypes; integer buffers as the module has them."""
         if not self.has_average or self._names is None:
             raise RuntimeError(f"{type(self).__name__} has no average yet: it starts after the first update.")
-        return {k: (a.to(t.dtype) if a is not None else t.clone())
+        return {k: (a.to(t.dtype, copy=True) if a is not None else t.clone())  # copies: the average moves on
                 for k, a, t in zip(self._names, self._averages, self._targets)}
 
     def _load_into_module(self, values: list[Tensor]) -> None:
@@ -126,6 +130,7 @@ class WeightAverage(pl.Callback):
     # ------------------------------------------------------------------ fit boundaries
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._sharded_checkpoints = writes_sharded_checkpoint(trainer)
         if stage == "fit":
             self.updates, self._names, self._targets, self._averages, self._backup = 0, None, [], [], None
 
@@ -153,16 +158,49 @@ class WeightAverage(pl.Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"updates": self.updates}
-        if self.has_average and self._names is None:  # resumed, and not used since: the average as it was loaded
+        if self.has_average and self._names is None and self._loaded is not None:  # resumed, not used since
             state["average"] = self._loaded
-        elif self.has_average and not self._sharded:  # a rank's shards are not the weights: left out when sharded
+        elif self.has_average and not self._sharded:
             state["average"] = {k: a.detach().cpu() for k, a in zip(self._names, self._averages) if a is not None}
+        elif self.has_average and self._sharded_checkpoints:  # each rank's shards: see on_save_checkpoint
+            state["average_in_shards"] = True
         return state
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Sharded: every rank writes its shards of the average beside the module's (Lightning writes the rest of
+        # a callback's state from rank 0 only)
+        if self.has_average and self._sharded_checkpoints and self._ready(pl_module) and self._sharded:
+            assert self._names is not None
+            shards = {k: a for k, a in zip(self._names, self._averages) if a is not None}
+            add_shards(checkpoint, self.state_key, shards, pl_module.state_dict())
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._checkpoint_path = trainer.ckpt_path
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.updates = state_dict.get("updates", 0)
         self._loaded = state_dict.get("average")
         self._names = None
-        if self.updates and self._loaded is None:
-            self.updates = 0  # written under sharding: start the average again
+        self._shards_pending = bool(state_dict.get("average_in_shards"))
+        if self.updates and self._loaded is None and not self._shards_pending:
+            self.updates = 0
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint holds no average (written under sharded training without a "
+                "distributed checkpoint, or by an older version): the average restarts at the next update."
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the restore on every strategy (ModelParallelStrategy restores after setup): read the shards now,
+        # every rank together
+        if self.__dict__.pop("_shards_pending", False):
+            like = pl_module.state_dict()
+            names = [k for k, v in like.items() if v.is_floating_point()]
+            self._loaded = load_shards(self._checkpoint_path, self.state_key, names, like, torch.float32)
+            self._names = None
+            self._collect(pl_module)

@@ -12,7 +12,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_tricks._compat import EarlyStoppingChecks
+from lightning_tricks._compat import EarlyStoppingChecks, writes_sharded_checkpoint
+from lightning_tricks._sharded_state import add_shards, load_shards
 from lightning_tricks._sharding import agree_on_buffers, is_sharded, local
 from lightning_tricks.functional._checks import check_number
 
@@ -137,6 +138,8 @@ class EarlyStopping(EarlyStoppingChecks):
         self.summary: str | None = None
         self._restored = False
         self._sharded = False
+        self._sharded_checkpoints = False
+        self._checkpoint_path: str | None = None
 
     # ------------------------------------------------------------------ the check
     @override
@@ -227,6 +230,11 @@ class EarlyStopping(EarlyStoppingChecks):
         self._restored = True
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._sharded_checkpoints = writes_sharded_checkpoint(trainer)
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restored = False
         self._sharded = is_sharded(list(pl_module.parameters()))
@@ -247,21 +255,48 @@ class EarlyStopping(EarlyStoppingChecks):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["best_epoch"] = self.best_epoch
-        if self.restore_best_weights and not self._sharded:  # a rank's shards are not the weights: left out
+        if self.restore_best_weights and not self._sharded:
             state["best_weights"] = self.best_weights
+        elif self.restore_best_weights and self.best_weights is not None and self._sharded_checkpoints:
+            state["best_weights_in_shards"] = True  # each rank's shards: see on_save_checkpoint
         return state
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Sharded: every rank writes its shards of the best weights beside the module's (Lightning writes the rest
+        # of a callback's state from rank 0 only)
+        if self.restore_best_weights and self.best_weights is not None and self._sharded and \
+                self._sharded_checkpoints:
+            add_shards(checkpoint, self.state_key, self.best_weights, pl_module.state_dict())
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._checkpoint_path = trainer.ckpt_path
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.best_epoch = state_dict.get("best_epoch")
+        self._shards_pending = self.restore_best_weights and bool(state_dict.get("best_weights_in_shards"))
         if self.restore_best_weights:
             self.best_weights = state_dict.get("best_weights")
-        if self.best_weights is None and self.restore_best_weights and math.isfinite(float(self.best_score)):
+        if self.best_weights is None and self.restore_best_weights and not self._shards_pending and \
+                math.isfinite(float(self.best_score)):
             rank_zero_warn(
                 "EarlyStopping(restore_best_weights=True) resumed from a checkpoint without best weights (written "
-                "without restore_best_weights, or under sharded training): the best weights from before the resume "
-                "cannot be restored; only a check that beats the restored best score will be."
+                "without restore_best_weights, or under sharded training without a distributed checkpoint): the best "
+                "weights from before the resume cannot be restored; only a check that beats the restored best score "
+                "will be."
             )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.__dict__.pop("_shards_pending", False):  # after the restore on every strategy; every rank together
+            like = pl_module.state_dict()
+            loaded = load_shards(self._checkpoint_path, self.state_key, list(like), like)
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in loaded.items()}
 
 

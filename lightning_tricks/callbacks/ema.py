@@ -81,6 +81,7 @@ class EMA(WeightAverage):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         total = trainer.estimated_stepping_batches
         if total != float("inf") and self.start_step >= total:
             raise ValueError(
