@@ -61,8 +61,8 @@ class EarlyStopping(EarlyStoppingChecks):
             were evaluated). They are kept on the host (CPU copies, no second copy on the device), taken at the same
             checks on every rank (rank 0 decides), and saved in the callback's checkpoint state so a resumed run
             can still restore them (checkpoints grow by one copy of the weights). Under sharded training (FSDP2)
-            each rank keeps its own shards (no gather) and restores them; those are not in the checkpoint (Lightning
-            saves callback state from rank 0 only), so a resumed sharded run restores only checks made after it.
+            each rank keeps its own shards (no gather) and restores them; each rank writes them into the distributed
+            checkpoint beside the module's shards and reads them back on resume.
         start_from_epoch: no check counts before this epoch (0-based): neither patience nor the best score.
         baseline: the metric must beat this value (by ``min_delta``) to reset the patience: stop if it does not
             within ``patience`` checks. The best weights are still tracked below the baseline (as Keras does).

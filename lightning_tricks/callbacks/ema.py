@@ -42,9 +42,9 @@ class EMA(WeightAverage):
 
     The average is in the callback's checkpoint state (the module's own ``state_dict`` keys stay those of a plain
     module), so a resumed run continues the same average. Under DDP every rank averages the same weights; under FSDP2
-    each rank averages its own shards (no gather) and the average is not written into checkpoints (Lightning saves
-    callback state from rank 0 only): a resumed sharded run starts a new average. :meth:`averaged_state_dict` gives
-    the average with the module's keys.
+    each rank averages its own shards (no gather) and writes them into the distributed checkpoint beside the module's
+    (Lightning writes callback state from rank 0 only); a resumed run reads them back, resharded if the number of
+    processes changed. :meth:`averaged_state_dict` gives (a copy of) the average with the module's keys.
 
     Example::
 

@@ -38,8 +38,8 @@ class SWA(WeightAverage):
         evaluate_with_swa: validation and test run on the average once it exists.
         keep_swa_at_end: leave the average in the module at the end of fit.
 
-    Under DDP every rank averages the same weights; under FSDP2 each rank its own shards (the average is then not
-    written into checkpoints).
+    Under DDP every rank averages the same weights; under FSDP2 each rank its own shards, written into the
+    distributed checkpoint beside the module's and read back on resume.
 
     Example::
 
