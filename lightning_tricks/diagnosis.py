@@ -181,7 +181,7 @@ def diverging_loss(h: list[EpochRecord], s: Settings, c: Context) -> Diagnosis |
 
 def rising_loss(h: list[EpochRecord], s: Settings, c: Context) -> Diagnosis | None:
     """The training loss rose well above its own best (by ``overfit_tolerance``) in each of the last two epochs, and
-    the validation got worse with it (its loss above its best by as much, or its metric more than 1 % below its best;
+    the validation got worse with it (its loss above its best by as much, or its metric more than 5 % below its best;
     judged on the training loss alone without a validation loop): the updates overshoot. A training loss that
     wanders while validation holds is mixup's noise, not an overshoot."""
     finite = [(e.epoch, e.train_loss) for e in h if e.train_loss is not None and math.isfinite(e.train_loss)]
@@ -196,7 +196,7 @@ def rising_loss(h: list[EpochRecord], s: Settings, c: Context) -> Diagnosis | No
         return None
     vals, metrics = _finite([e.val_loss for e in h]), _finite([e.val_metric for e in h])
     val_worse = vals and vals[-1] > min(vals) * (1 + s.overfit_tolerance)
-    metric_worse = metrics and metrics[-1] < max(metrics) * (1 - 0.01)
+    metric_worse = metrics and metrics[-1] < max(metrics) * (1 - 0.05)  # beyond an epoch's noise
     if (vals or metrics) and not (val_worse or metric_worse):
         return None
     ev: dict[str, Any] = {"best_train_loss": best, "best_epoch": best_epoch, "train_loss_now": finite[-1][1],
