@@ -17,6 +17,7 @@ from lightning_tricks._compat import (
     logger_step,
     loss_scale,
     unscales_itself,
+    writes_sharded_checkpoint,
 )
 from tests.conftest import TinyNet, loader, quiet_trainer
 
@@ -88,3 +89,14 @@ def test_fit_train_dataloader_loads_the_fits_loader_once() -> None:
     probe, data = EarlyLoader(), loader()
     quiet_trainer(max_steps=1, callbacks=[probe]).fit(TinyNet(), data)
     assert probe.early is data and probe.used is data  # the same loader; the fit loop did not load it again
+
+
+def test_the_distributed_checkpoint_flag_of_model_parallel_strategy() -> None:
+    """ModelParallelStrategy keeps `save_distributed_checkpoint` as `_save_distributed_checkpoint`; other strategies
+    never write distributed checkpoints."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    for flag in (True, False):
+        trainer = quiet_trainer(strategy=ModelParallelStrategy(save_distributed_checkpoint=flag))
+        assert writes_sharded_checkpoint(trainer) is flag
+    assert writes_sharded_checkpoint(quiet_trainer()) is False
