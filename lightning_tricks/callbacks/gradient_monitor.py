@@ -140,6 +140,10 @@ class GradientMonitor(pl.Callback):
                          for opt in trainer.optimizers]
         self._whole_rows = len(trainer.optimizers) == 1 and self._columns[0] == list(range(len(params)))
         self._column_index = [torch.tensor(c, dtype=torch.long, device=self._device) for c in self._columns]
+        # made once: the per-step work reads these, with no per-parameter Python on the hot path
+        self._params_of = [[params[c] for c in cols] for cols in self._columns]
+        self._host_columns = [slice(None) if self._whole_rows else np.asarray(c, dtype=np.int64)
+                              for c in self._columns]
         self._max_abs: list[Tensor | None] = [None] * len(trainer.optimizers)  # several optimizers: each one's last
         # One process on the CPU: the buffer is host memory (a NumPy view of it), so each step is judged before its
         # update; elsewhere at logging steps, with no per-step host read.
@@ -187,8 +191,7 @@ class GradientMonitor(pl.Callback):
             self._row_open = True
             self._row_steps.append(trainer.global_step)
         row = len(self._row_steps) - 1
-        columns = self._columns[index]
-        params = self.layout.params if self._whole_rows else [self.layout.params[c] for c in columns]
+        params = self._params_of[index]
         grads = [p.grad for p in params]
         if self._sharded:
             grads = [None if g is None else local(g) for g in grads]
@@ -213,7 +216,8 @@ class GradientMonitor(pl.Callback):
         if self._self_unscaling and scaler is not None:
             target[self._column_index[index]] = target[self._column_index[index]] / loss_scale(scaler).to(
                 target.device)
-        if self._host_rows is not None and scaler is None and not np.isfinite(self._host_rows[row, columns].sum()):
+        if self._host_rows is not None and scaler is None and \
+                not np.isfinite(self._host_rows[row, self._host_columns[index]].sum()):
             self._handle_nonfinite(trainer, pl_module, self._group_squares(np.square(self._host_rows[: row + 1])),
                                    before_update=True, skip=params)
             if self.stopped_step is not None:
