@@ -186,3 +186,13 @@ def test_class_dimension_from_the_shapes() -> None:
     with pytest.raises(ValueError, match=r"logits of shape \(4, 12, 5\) do not fit class-index targets of shape "
                                          r"\(4, 11\)"):
         class_dim_of(torch.zeros(4, 12, 5), torch.zeros(4, 11, dtype=torch.long))
+
+
+def test_ignore_index_none_counts_every_target(form: str) -> None:
+    """With ignore_index=None no value is ignored: torch's default -100 is out of range like any other."""
+    logits = torch.randn(3, 4)
+    for eps in (0.0, 0.1):
+        with pytest.raises(ValueError, match=r"target class -100 is out of range"):
+            cross_entropy(logits, torch.tensor([0, -100, 2]), smoothing=eps, ignore_index=None)
+    y = torch.tensor([0, 3, 2])
+    assert abs(cross_entropy(logits, y, ignore_index=None).item() - F.cross_entropy(logits, y).item()) <= 1e-7

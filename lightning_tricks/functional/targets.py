@@ -42,6 +42,7 @@ __all__ = [
 CONVENTIONS = ("uniform", "others")
 #: Logits up to this many elements get the dense target in :func:`cross_entropy` (4 MB of float32).
 DENSE_MAX = 2**20
+NO_INDEX = -(2**63)  # an ignore_index that no class index equals
 
 
 @dataclass(frozen=True)
@@ -303,14 +304,15 @@ def cross_entropy(
         if dim != 1:  # class-last: the same mean over positions, on a (positions, C) view
             logits, target = logits.reshape(-1, num_classes), target.reshape(-1)
         try:
-            return F.cross_entropy(logits.float(), target, ignore_index=-100 if ignore_index is None else ignore_index,
-                                   label_smoothing=smoothing)
+            # ignore_index=None: no value is ignored (torch's argument is an int: one no index can equal)
+            return F.cross_entropy(logits.float(), target, label_smoothing=smoothing,
+                                   ignore_index=NO_INDEX if ignore_index is None else ignore_index)
         except (IndexError, RuntimeError):
             raise _range_error(target, num_classes, ignore_index) from None
     try:
         if logits.numel() <= DENSE_MAX:
             # Small logits (classification): the dense target costs little memory and runs fewer kernels than
-            # the gathers (on a 2-core CPU, 100 x 10 logits: 143 us against 247 us forward and backward).
+            # the gathers (benchmarks/results/cpu-2026-12-06/seam.md).
             return _one_hot_cross_entropy(logits, target, smoothing, convention, mix, ignore_index, dim)
         return _index_cross_entropy(logits, target, smoothing, convention, mix, ignore_index, dim)
     except (IndexError, RuntimeError):
