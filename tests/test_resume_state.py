@@ -29,12 +29,37 @@ class SaveFinal(pl.Callback):
                         "EarlyStopping": dict(stop.best_weights)}, self.path)
 
 
-def fit(root: Path, result: Path, ckpt: str | None = None) -> None:
+class SaveState(pl.Callback):
+    """Rank 0 writes the callbacks' state at each checkpoint save (`saved-<step>.pt`) and right after a resume's
+    restore (`restored.pt`)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _write(self, trainer: pl.Trainer, name: str) -> None:
+        if trainer.is_global_zero:
+            ema, swa, stop = (next(c for c in trainer.callbacks if isinstance(c, k)) for k in (EMA, SWA, EarlyStopping))
+            state = {"EMA": ema.averaged_state_dict() if ema.has_average else None,
+                     "SWA": swa.averaged_state_dict() if swa.has_average else None,
+                     "EarlyStopping": None if stop.best_weights is None else dict(stop.best_weights)}
+            torch.save(state, self.folder / name)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Any) -> None:
+        self._write(trainer, f"saved-{trainer.global_step}.pt")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step:
+            self._write(trainer, "restored.pt")
+
+
+def fit(root: Path, result: Path, ckpt: str | None = None, every_n_train_steps: int | None = None) -> None:
     pl.seed_everything(0, verbose=False)
-    saver = ModelCheckpoint(dirpath=root / "ckpt", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    root.mkdir(parents=True, exist_ok=True)
+    saver = ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", save_top_k=-1,
+                            every_n_train_steps=every_n_train_steps, every_n_epochs=None if every_n_train_steps else 1)
     callbacks = [EMA(0.9, evaluate_with_ema=False, keep_ema_at_end=False), SWA(start=1, keep_swa_at_end=False),
                  EarlyStopping("val_loss", patience=10, restore_best_weights=True, checkpoint_on_stop=False),
-                 SaveFinal(result), saver]
+                 SaveFinal(result), SaveState(root), saver]
     trainer = quiet_trainer(devices=2, strategy="ddp_fork", max_epochs=4, enable_checkpointing=True,
                             default_root_dir=root, callbacks=callbacks)
     trainer.fit(TinyNet(), loader(64, 8), loader(32, 8, seed=1), ckpt_path=ckpt)
@@ -42,12 +67,24 @@ def fit(root: Path, result: Path, ckpt: str | None = None) -> None:
 
 def test_ddp_resume_ends_with_the_uninterrupted_state(tmp_path: Path) -> None:
     fit(tmp_path / "full", tmp_path / "full.pt")
-    fit(tmp_path / "resumed", tmp_path / "resumed.pt", ckpt=str(tmp_path / "full" / "ckpt" / "epoch=1.ckpt"))
+    fit(tmp_path / "resumed", tmp_path / "resumed.pt", ckpt=str(tmp_path / "full" / "ckpt" / "step=8.ckpt"))
     full, resumed = torch.load(tmp_path / "full.pt"), torch.load(tmp_path / "resumed.pt")
     for name in ("EMA", "SWA", "EarlyStopping"):
         assert full[name].keys() == resumed[name].keys()
         for key, value in full[name].items():
             assert torch.allclose(resumed[name][key].float(), value.float(), atol=1e-6), (name, key)
+
+
+def test_ddp_mid_epoch_resume_restores_the_saved_state(tmp_path: Path) -> None:
+    """4 batches an epoch per rank: step 10 is mid-epoch 2, after SWA's first average (the end of epoch 1)."""
+    fit(tmp_path / "run", tmp_path / "run.pt", every_n_train_steps=10)
+    fit(tmp_path / "again", tmp_path / "again.pt", ckpt=str(tmp_path / "run" / "ckpt" / "step=10.ckpt"),
+        every_n_train_steps=10)
+    saved, restored = torch.load(tmp_path / "run" / "saved-10.pt"), torch.load(tmp_path / "again" / "restored.pt")
+    for name in ("EMA", "SWA", "EarlyStopping"):
+        assert saved[name] is not None and saved[name].keys() == restored[name].keys()
+        for key, value in saved[name].items():
+            assert torch.allclose(restored[name][key].float(), value.float(), atol=1e-6), (name, key)
 
 
 @pytest.mark.parametrize("cls", [EMA, SWA])

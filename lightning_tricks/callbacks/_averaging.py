@@ -86,6 +86,7 @@ class WeightAverage(pl.Callback):
         if self.has_average and self._names is None:
             self._collect(pl_module)
         return self.has_average
+
     def averaged_state_dict(self) -> dict[str, Tensor]:
         """The averaged weights with the keys of ``module.state_dict()`` (each rank's shards under sharding),
         in the module's dtypes; integer buffers as the module has them."""
@@ -203,4 +204,4 @@ class WeightAverage(pl.Callback):
             names = [k for k, v in like.items() if v.is_floating_point()]
             self._loaded = load_shards(self._checkpoint_path, self.state_key, names, like, torch.float32)
             self._names = None
-            self._collect(pl_module)
+        self._ready(pl_module)  # a resumed average goes in place now, so it is usable from the first batch
