@@ -322,3 +322,30 @@ def test_a_seam_override_without_super_is_an_error() -> None:
 
     with pytest.raises(RuntimeError, match=r"did not pass through it: Skips.on_after_batch_transfer must call"):
         quiet_trainer(max_steps=1, callbacks=[Mixup(alpha=0.2)]).fit(Skips(), loader())
+
+
+def test_segmentation_under_per_sample_mixup_and_cutmix() -> None:
+    """`mode="elem"`: each sample is kept, blended (MixUp) or pasted (CutMix) on its own; the per-pixel targets follow
+    each sample's own rule (checked pixel by pixel against the inputs)."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, 2, 8, 8, generator=g), torch.randint(0, 3, (16, 8, 8), generator=g)
+    model = TinySegmenter()
+    mix = Mixup(alpha=0.4, cutmix_alpha=1.0, mode="elem", prob=0.8)
+    quiet_trainer(max_steps=2, callbacks=[LabelSmoothing(0.1), mix]).fit(model, DataLoader(TensorDataset(x, y), 8))
+    kinds = set()
+    for r in model.records:
+        lam, index = r["draw"]
+        x0, xm, partner = r["x0"], r["x"], r["x0"][index]
+        own = torch.empty(x0.shape[0], 1, 8, 8)
+        for i in range(x0.shape[0]):
+            is_self, is_partner = (xm[i] == x0[i]).all(0), (xm[i] == partner[i]).all(0)
+            if (is_self | is_partner).all() and not is_self.all():  # pasted: partner's pixels inside a box
+                own[i, 0] = is_self.float()
+                kinds.add("cut")
+            else:  # blended by lam (1 for a kept sample)
+                torch.testing.assert_close(xm[i], lam[i] * x0[i] + (1 - lam[i]) * partner[i])
+                own[i, 0] = lam[i]
+                kinds.add("kept" if lam[i] == 1 else "mixup")
+        ref = pixel_reference(r["logits"], r["y0"], r["y0"][index], own, 0.1)
+        assert abs(r["loss"].item() - ref.item()) <= 1e-5
+    assert {"cut", "mixup"} <= kinds
