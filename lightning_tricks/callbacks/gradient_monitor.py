@@ -145,6 +145,8 @@ class GradientMonitor(pl.Callback):
         self._host_columns = [slice(None) if self._whole_rows else np.asarray(c, dtype=np.int64)
                               for c in self._columns]
         self._max_abs: list[Tensor | None] = [None] * len(trainer.optimizers)  # several optimizers: each one's last
+        # per optimizer: which of its parameters had a gradient last time, and that as an index tensor
+        self._present: dict[int, tuple[tuple[int, ...], Tensor]] = {}
         # One process on the CPU: the buffer is host memory (a NumPy view of it), so each step is judged before its
         # update; elsewhere at logging steps, with no per-step host read.
         single_cpu = trainer.world_size == 1 and self._device.type == "cpu"
@@ -196,14 +198,17 @@ class GradientMonitor(pl.Callback):
         if self._sharded:
             grads = [None if g is None else local(g) for g in grads]
         target = self._norms[row]
-        try:  # every parameter has a gradient (the usual case): one fused norm
+        present = tuple(i for i, g in enumerate(grads) if g is not None)
+        if len(present) == len(grads):  # every parameter has a gradient (the usual case): one fused norm
             norms = torch.stack(torch._foreach_norm(grads))
-        except (TypeError, RuntimeError):  # some parameters got no gradient this step (frozen): their norm is 0
-            present = [i for i, g in enumerate(grads) if g is not None]
+        else:  # some got none this step (frozen, e.g. by Finetune): their norm is 0
             norms = torch.zeros(len(grads), dtype=torch.float32, device=self._norms.device)
             if present:
+                known = self._present.get(index)
+                if known is None or known[0] != present:  # remade only when the set changes (unfreezing)
+                    known = self._present[index] = (present, torch.tensor(present, device=norms.device))
                 found = torch.stack(torch._foreach_norm([grads[i] for i in present])).float()
-                norms.index_copy_(0, torch.tensor(present, device=norms.device), found)
+                norms.index_copy_(0, known[1], found)
         if self._whole_rows:
             target.copy_(norms)
         else:
