@@ -80,3 +80,15 @@ def writes_sharded_checkpoint(trainer: pl.Trainer) -> bool:
 
     strategy = trainer.strategy
     return isinstance(strategy, ModelParallelStrategy) and bool(strategy._save_distributed_checkpoint)
+
+
+def silence_module_hook_notice(hook: str) -> None:
+    """Mark Lightning's once-per-process notice "You have overridden `<hook>` in `LightningModule` but have passed in
+    a `LightningDataModule`" as given: for a module with :class:`TricksMixin` the module's hook is the intent. Only
+    that message, in Lightning's own once-only cache (no warnings filter)."""
+    from lightning.pytorch.trainer.connectors import data_connector
+
+    data_connector.warning_cache.add(
+        f"You have overridden `{hook}` in `LightningModule` but have passed in a `LightningDataModule`. It will use "
+        "the implementation from `LightningModule` instance."
+    )

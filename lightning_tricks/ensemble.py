@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassCalibrationError
 
+from lightning_tricks._io import load_class
 from lightning_tricks.functional._checks import check_choice
 from lightning_tricks.functional.ensembles import METHODS, combine, fit_convex_weights, majority_vote
 
@@ -25,8 +25,7 @@ def _load(member: nn.Module | str, member_class: type[pl.LightningModule] | str 
         raise ValueError(f"member {member!r} is a checkpoint path: also give `member_class`, the LightningModule class "
                          "(or its dotted import path) whose load_from_checkpoint rebuilds it.")
     if isinstance(member_class, str):
-        module, _, name = member_class.rpartition(".")
-        member_class = getattr(importlib.import_module(module), name)
+        member_class = load_class(member_class, "member_class")
     return member_class.load_from_checkpoint(member, map_location="cpu")  # type: ignore[union-attr]
 
 

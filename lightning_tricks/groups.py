@@ -13,12 +13,11 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from lightning_tricks.functional._checks import check_choice, check_number
 
-__all__ = ["NORM_LAYERS", "block_order", "decayed_parameters", "layer_of", "param_groups", "scale_lrs", "scaled_lr"]
+__all__ = ["NORM_LAYERS", "block_order", "decayed_parameters", "layer_of", "param_groups", "scaled_lr"]
 
 NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
@@ -185,16 +184,3 @@ def scaled_lr(lr: float, batch_size: int, base_batch_size: int, rule: str = "lin
     check_choice("rule", rule, RULES)
     k = batch_size / base_batch_size
     return lr * (k if rule == "linear" else math.sqrt(k))
-
-
-def scale_lrs(optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence[Any], factor: float) -> None:
-    """Multiply the lr of every param group by ``factor`` (ratios kept), with the ``initial_lr`` torch's schedulers
-    keep and their ``base_lrs``, so a schedule built earlier follows."""
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] *= factor
-            if "initial_lr" in group:
-                group["initial_lr"] *= factor
-    for scheduler in schedulers:
-        if hasattr(scheduler, "base_lrs"):
-            scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]

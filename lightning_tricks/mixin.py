@@ -21,8 +21,7 @@ silently left out).
 
 from __future__ import annotations
 
-import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import RunningStage
@@ -30,18 +29,10 @@ from torch import Tensor
 
 from lightning_tricks._compat import attached_trainer
 from lightning_tricks.functional.targets import TargetPlan, class_dim_of, cross_entropy
-
-if TYPE_CHECKING:
-    from lightning_tricks.callbacks._base import TrickCallback
+from lightning_tricks.peers import find_callbacks
+from lightning_tricks.trick import TrickCallback
 
 __all__ = ["TricksMixin"]
-
-# Lightning warns whenever a module that overrides on_after_batch_transfer is fitted with a DataModule, to say that
-# the module's hook is used; for the mixin that is the intent (a DataModule that overrides it too is an error raised
-# by the trick callbacks, see TrickCallback.setup), so this one message is silenced.
-warnings.filterwarnings(
-    "ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a"
-)
 
 # Per stage of the default steps: the logged keys, and whether it is an evaluation stage (progress bar, synced).
 _STEP_KEYS = {"train": ("train_loss", "train_acc", False), "val": ("val_loss", "val_acc", True),
@@ -80,14 +71,12 @@ class TricksMixin:
     # ----------------------------------------------------------------------------------- which tricks
     def tricks_callbacks(self) -> list[TrickCallback]:
         """The trick callbacks of ``trainer.callbacks`` in seam order, while fitting a training batch; else ``[]``."""
-        from lightning_tricks.callbacks._base import TrickCallback
-
         trainer = attached_trainer(self)  # type: ignore[arg-type]
         # `trainer.training and not trainer.sanity_checking`, by identity (those properties compare strings through
         # Lightning's enum __eq__, twice per step here): the training stage is never the sanity check.
         if trainer is None or trainer.state.stage is not RunningStage.TRAINING:
             return []
-        return sorted((cb for cb in trainer.callbacks if isinstance(cb, TrickCallback)), key=lambda cb: cb.order)
+        return sorted(find_callbacks(trainer, TrickCallback), key=lambda cb: cb.order)
 
     # ----------------------------------------------------------------------------------- batch layout
     def tricks_unpack(self, batch: Any) -> tuple[Tensor, Tensor]:

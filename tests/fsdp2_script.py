@@ -177,9 +177,10 @@ def case_early_stopping(out: Path) -> None:
 
 def case_recipe(out: Path) -> None:
     callbacks = recipe(early_stopping="val_loss", patience=5)
+    doctor = next(cb for cb in callbacks if isinstance(cb, TrainingDoctor))
+    doctor.out_dir = str(out)  # (the Trainer has no logger: without it, no file)
     t = trainer(out, max_epochs=3, callbacks=callbacks, log_every_n_steps=4)
     t.fit(ShardedNet(), data(), data(32))
-    doctor = next(cb for cb in callbacks if isinstance(cb, TrainingDoctor))
     assert len(doctor.history) == 3 and all(math.isfinite(e.step_loss_mean) for e in doctor.history)
     t.strategy.barrier()  # rank 0 has written its report
     reports = sorted(p.name for p in out.iterdir() if p.name.startswith("doctor_report"))

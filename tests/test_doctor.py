@@ -18,8 +18,8 @@ from tests.conftest import TinyNet, loader, make_data, quiet_trainer
 
 
 def _run(model: pl.LightningModule, train: DataLoader, val: DataLoader | None = None, epochs: int = 6,
-         callbacks: list[pl.Callback] | None = None, **kw: Any) -> TrainingDoctor:
-    doctor = TrainingDoctor()
+         callbacks: list[pl.Callback] | None = None, out_dir: str | None = None, **kw: Any) -> TrainingDoctor:
+    doctor = TrainingDoctor(out_dir=out_dir)
     trainer = quiet_trainer(max_epochs=epochs, callbacks=[*(callbacks or []), doctor], **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -33,12 +33,27 @@ def _codes(doctor: TrainingDoctor, severity: str | None = None) -> set[str]:
 
 def test_healthy_run_has_nothing_above_info(tmp_path: Any) -> None:
     doctor = _run(TinyNet(lr=0.02), loader(256, 16, shuffle=True), loader(64, 32, seed=1), epochs=8,
-                  callbacks=[GradientMonitor()], default_root_dir=tmp_path)
+                  callbacks=[GradientMonitor()], out_dir=str(tmp_path / "report"))
     assert doctor.worst_severity == "info", doctor.report()
     assert _codes(doctor) == {"healthy"}
     md, js = doctor.report_paths
+    assert Path(md).parent == tmp_path / "report"
     assert "no problem found" in Path(md).read_text()
     assert json.loads(Path(js).read_text())["findings"][0]["code"] == "healthy"
+
+
+def test_files_go_where_a_logger_or_the_user_says(tmp_path: Any) -> None:
+    # logger=False and no out_dir: no file anywhere (the working directory and default_root_dir stay empty)
+    root = tmp_path / "root"
+    root.mkdir()
+    doctor = _run(TinyNet(lr=0.02), loader(64, 16), epochs=1, default_root_dir=root)
+    assert doctor.report_paths == [] and list(root.iterdir()) == []
+    assert "TrainingDoctor report" in doctor.report()
+    # with a logger: next to its logs
+    logger = pl.loggers.CSVLogger(tmp_path / "logs", name="run")
+    doctor = _run(TinyNet(lr=0.02), loader(64, 16), epochs=1, logger=logger)
+    assert [Path(p).name for p in doctor.report_paths] == ["doctor_report.md", "doctor_report.json"]
+    assert all(Path(p).parent == Path(logger.log_dir) and Path(p).exists() for p in doctor.report_paths)
 
 
 @pytest.mark.parametrize("accumulate", [1, 3])

@@ -11,9 +11,8 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay
 from torch import nn
 
-from lightning_tricks import LRScaling, WarmupCosine, adamw, param_groups, scaled_lr
+from lightning_tricks import LRFinder, LRScaling, WarmupCosine, adamw, param_groups, scaled_lr
 from lightning_tricks.groups import block_order, layer_of
-from lightning_tricks.tuning import LRFinder
 from tests.conftest import TinyNet, loader, quiet_trainer
 
 

@@ -14,9 +14,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_tricks import LabelSmoothing, Mixup, TrainingDoctor, WarmupCosine
-from lightning_tricks.callbacks import TrickCallback
-from lightning_tricks.tuning import LRFinder, lr_find, overfit_check, suggest
+from lightning_tricks import LabelSmoothing, LRFinder, Mixup, TrainingDoctor, TrickCallback, WarmupCosine
+from lightning_tricks.tuning import lr_find, overfit_check, suggest
 from lightning_tricks.tuning.search import load_space, make_storage, tune
 from tests.conftest import TinyNet, loader, make_data, quiet_trainer
 
@@ -41,7 +40,7 @@ def test_a_model_that_cannot_learn_fails_with_the_guides_causes() -> None:
     result = overfit_check(model, loader(64, 16), steps=20, optimizer=frozen)
     assert not result.passed and any("lr too small" in c for c in result.likely_causes)
     assert "FAILED" in result.summary()
-    doctor = TrainingDoctor()
+    doctor = TrainingDoctor(overfit=result)
     quiet_trainer(max_epochs=1, callbacks=[doctor]).fit(model, loader())
     finding = next(f for f in doctor.findings if f.code == "overfit_check_failed")
     assert finding.severity == "error" and finding.evidence["steps"] == 20

@@ -1,7 +1,5 @@
 """Lightning callbacks, one file per trick, each a thin adaptor over :mod:`lightning_tricks.functional`."""
 
-from lightning_tricks.callbacks._averaging import WeightAverage
-from lightning_tricks.callbacks._base import TrickCallback
 from lightning_tricks.callbacks.distillation import Distillation
 from lightning_tricks.callbacks.doctor import Finding, TrainingDoctor
 from lightning_tricks.callbacks.early_stopping import EarlyStopping
@@ -10,10 +8,12 @@ from lightning_tricks.callbacks.finetune import Finetune
 from lightning_tricks.callbacks.gradient_monitor import GradientMonitor, NonFiniteGradientError
 from lightning_tricks.callbacks.l1 import L1
 from lightning_tricks.callbacks.label_smoothing import LabelSmoothing
+from lightning_tricks.callbacks.lr_finder import LRFinder
 from lightning_tricks.callbacks.lr_scaling import LRScaling
 from lightning_tricks.callbacks.mixup import Mixup
 from lightning_tricks.callbacks.swa import SWA
 from lightning_tricks.callbacks.warmup_cosine import WarmupCosine
+from lightning_tricks.callbacks.weight_average import WeightAverage
 
 __all__ = [
     "EMA",
@@ -24,12 +24,12 @@ __all__ = [
     "Finding",
     "Finetune",
     "GradientMonitor",
+    "LRFinder",
     "LRScaling",
     "LabelSmoothing",
     "Mixup",
     "NonFiniteGradientError",
     "TrainingDoctor",
-    "TrickCallback",
     "WarmupCosine",
     "WeightAverage",
 ]

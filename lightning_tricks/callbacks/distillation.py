@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_tricks.callbacks._base import TrickCallback
+from lightning_tricks._io import load_class
 from lightning_tricks.functional._checks import check_number
 from lightning_tricks.functional.distillation import soft_distillation_loss
+from lightning_tricks.trick import TrickCallback
 
 if TYPE_CHECKING:
     from lightning_tricks.mixin import TricksMixin
-
-
-def _import(path: str) -> Any:
-    module, _, name = path.rpartition(".")
-    if not module:
-        raise ValueError(f"`teacher_class` must be a class or a dotted path such as 'pkg.module.Class', got {path!r}.")
-    return getattr(importlib.import_module(module), name)
 
 
 class Distillation(TrickCallback):
@@ -77,7 +70,7 @@ class Distillation(TrickCallback):
                     f"`teacher` is a checkpoint path ({teacher!r}): also give `teacher_class`, the LightningModule "
                     "class (or its dotted import path) that `load_from_checkpoint` rebuilds it with."
                 )
-            cls = _import(teacher_class) if isinstance(teacher_class, str) else teacher_class
+            cls = load_class(teacher_class, "teacher_class")
             teacher = cls.load_from_checkpoint(teacher, map_location="cpu")
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"`teacher` must be an nn.Module or a checkpoint path, got {type(teacher).__name__}.")

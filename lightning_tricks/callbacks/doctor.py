@@ -14,10 +14,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_tricks._io import log_to_loggers, report_dir
 from lightning_tricks.callbacks.gradient_monitor import GradientMonitor
 from lightning_tricks.callbacks.warmup_cosine import WarmupCosine
 from lightning_tricks.diagnosis import OVERSHOOT, RULES, SEVERITIES, Context, EpochRecord, Settings, diagnose
 from lightning_tricks.functional._checks import check_number
+from lightning_tricks.peers import find_callback
+from lightning_tricks.tuning.overfit import OverfitResult
 
 _CHUNK = 512  # batches per stacked chunk of the per-batch records (bounds the number of live scalar tensors)
 _ORDER = {code: i for i, code in enumerate(
@@ -57,10 +60,10 @@ class TrainingDoctor(pl.Callback):
     ``exploding_gradients``, ``unstable_loss``, ``vanishing_gradients`` (only while the loss is still high),
     ``loss_not_falling``, ``overfitting``, ``underfitting``, ``unknown`` (the watched metrics were never logged: no
     data, no verdict) and ``ended_in_warmup`` (warnings); ``overfit_check_failed`` (error) / ``overfit_check_passed``
-    (the verdict of :func:`lightning_tricks.tuning.overfit_check` run before the fit); ``healthy`` / ``too_short``
-    (info). A run whose loss rose or whose gradients grew is never told to raise the lr; a flat loss is told a
-    direction for the lr only when the update-to-weight ratio gives one. ``docs/doctor.md`` has the table and how
-    right it is on runs whose fault is known.
+    (the verdict of :func:`lightning_tricks.tuning.overfit_check` run before the fit, given as ``overfit=``);
+    ``healthy`` / ``too_short`` (info). A run whose loss rose or whose gradients grew is never told to raise the lr;
+    a flat loss is told a direction for the lr only when the update-to-weight ratio gives one. ``docs/doctor.md``
+    has the table and how right it is on runs whose fault is known.
 
     The history and the findings are in the checkpoint: a resumed run gets the uninterrupted run's report.
 
@@ -69,7 +72,8 @@ class TrainingDoctor(pl.Callback):
 
     A warning is raised when a problem first appears; the report prints at the end of fit, goes to the loggers
     (``doctor/warnings``, ``doctor/errors``) and is written as ``doctor_report.md`` and ``doctor_report.json``
-    next to the logs (the logger's ``log_dir``, else ``default_root_dir``; or ``out_dir``).
+    in ``out_dir``, else next to the logs (the logger's ``log_dir``); a Trainer without a logger and no ``out_dir``
+    writes no file (the report is :meth:`report`).
 
     Inputs are judged at the steps whose loss is NaN/inf: the float32 sum of the batch's floating inputs, a probe that
     is non-finite exactly when an input is, tells bad data from bad numerics there (a model that copes with NaN
@@ -87,7 +91,9 @@ class TrainingDoctor(pl.Callback):
         overfit_tolerance: relative rise of the validation loss above its best that counts as overfitting.
         patience: epochs the validation loss must stay above that level.
         spike_ratio: a step loss this many times the epoch mean is a spike.
-        out_dir: where to write the report (default: next to the logs).
+        out_dir: where to write the report (default: next to the logs; nowhere without a logger).
+        overfit: the result of :func:`~lightning_tricks.tuning.overfit_check` run before this fit, reported as the
+            first finding.
     """
 
     def __init__(
@@ -101,6 +107,7 @@ class TrainingDoctor(pl.Callback):
         patience: int = 3,
         spike_ratio: float = 5.0,
         out_dir: str | None = None,
+        overfit: OverfitResult | None = None,
     ) -> None:
         check_number("min_epochs", min_epochs, low=1, integer=True)
         check_number("flat_tolerance", flat_tolerance, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -111,6 +118,7 @@ class TrainingDoctor(pl.Callback):
         self.min_epochs, self.flat_tolerance = min_epochs, flat_tolerance
         self.overfit_tolerance, self.patience, self.spike_ratio = overfit_tolerance, patience, spike_ratio
         self.out_dir = out_dir
+        self.overfit = overfit
         self.findings: list[Finding] = []
         self.history: list[EpochRecord] = []
         self._missing_warned = False
@@ -123,7 +131,7 @@ class TrainingDoctor(pl.Callback):
             self.findings, self.history, self._missing_warned = [], [], False
         self.report_paths = []
         self._reset_epoch()
-        checked = pl_module.__dict__.get("tricks_overfit_result")  # from lightning_tricks.tuning.overfit_check
+        checked = self.overfit
         if checked is not None:
             evidence = {"initial_loss": checked.initial_loss, "final_loss": checked.final_loss,
                         "steps": checked.steps, "batch_accuracy": checked.accuracy}
@@ -206,7 +214,7 @@ class TrainingDoctor(pl.Callback):
         settings = Settings(self.min_epochs, self.flat_tolerance, self.overfit_tolerance, self.patience,
                             self.spike_ratio, self.val_metric)
         schedule = _schedule(trainer)
-        monitor = next((cb for cb in trainer.callbacks if isinstance(cb, GradientMonitor)), None)
+        monitor = find_callback(trainer, GradientMonitor)
         context = Context(peak_lr=_peak_lr(schedule),
                           in_warmup=schedule is not None and trainer.global_step < (schedule.warmup_steps or 0),
                           monitor_stop_message=getattr(monitor, "stop_message", None))
@@ -267,11 +275,9 @@ class TrainingDoctor(pl.Callback):
                 ev["best_val_loss"] = min(vals)
             self._add(trainer, "healthy", "info", "no problem found", ev, ["carry on"])
         counts = {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES}
-        for logger in trainer.loggers:
-            logger.log_metrics({"doctor/warnings": counts["warning"], "doctor/errors": counts["error"]},
-                               step=trainer.global_step)
-        folder = self.out_dir or trainer.log_dir or trainer.default_root_dir  # on every rank: log_dir broadcasts
-        if trainer.is_global_zero:
+        log_to_loggers(trainer, {"doctor/warnings": counts["warning"], "doctor/errors": counts["error"]})
+        folder = report_dir(trainer, self.out_dir)
+        if folder is not None and trainer.is_global_zero:
             self._write(folder)
         rank_zero_info(self.report() + (f"\n(written to {self.report_paths[0]})" if self.report_paths else ""))
 
@@ -324,7 +330,7 @@ class TrainingDoctor(pl.Callback):
 
 
 def _schedule(trainer: pl.Trainer) -> WarmupCosine | None:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, WarmupCosine)), None)
+    return find_callback(trainer, WarmupCosine)
 
 
 def _peak_lr(schedule: WarmupCosine | None) -> float | None:

@@ -7,15 +7,17 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_tricks._compat import EarlyStoppingChecks, writes_sharded_checkpoint
+from lightning_tricks._io import checkpoint_dir
 from lightning_tricks._sharded_state import add_shards, load_shards
-from lightning_tricks._sharding import agree_on_buffers, is_sharded, local
+from lightning_tricks._sharding import agree_on_buffers, is_sharded
 from lightning_tricks.functional._checks import check_number
+from lightning_tricks.peers import ChoosesFinalWeights, EvaluatesOtherWeights, find_callbacks
+from lightning_tricks.weights import copy_weights, restore_weights
 
 _MAX_WORDS = ("acc", "f1", "auroc", "auc", "precision", "recall", "iou", "dice", "map")
 _MIN_WORDS = ("loss", "error", "err", "mse", "mae", "nll", "perplexity")
@@ -46,7 +48,7 @@ def infer_mode(monitor: str, mode: str | None) -> str:
     return found
 
 
-class EarlyStopping(EarlyStoppingChecks):
+class EarlyStopping(ChoosesFinalWeights, EarlyStoppingChecks):
     r"""A drop-in for :class:`lightning.pytorch.callbacks.EarlyStopping` that can also keep the best model.
 
     Every argument of Lightning's class is accepted in the same order and means the same (``monitor``,
@@ -136,7 +138,6 @@ class EarlyStopping(EarlyStoppingChecks):
         self.best_epoch: int | None = None
         self.best_weights: dict[str, Tensor] | None = None
         self.summary: str | None = None
-        self._restored = False
         self._sharded = False
         self._sharded_checkpoints = False
         self._checkpoint_path: str | None = None
@@ -155,21 +156,23 @@ class EarlyStopping(EarlyStoppingChecks):
         if improved:
             self.best_epoch = trainer.current_epoch
             if self.restore_best_weights:
-                self.best_weights = {k: local(v).detach().to("cpu", copy=True)
-                                     for k, v in self._evaluated_state(trainer).items()}
+                self.best_weights = copy_weights(self._evaluated_state(trainer), "cpu")
         if trainer.should_stop and not was_stopping and self.stopped_epoch == trainer.current_epoch:
             self._on_stop(trainer)
+
+    @override
+    def chooses_final_weights(self) -> bool:
+        return self.restore_best_weights and self.best_weights is not None
 
     @staticmethod
     def _evaluated_state(trainer: pl.Trainer) -> dict[str, Tensor]:
         """The weights the monitored metric was measured on: the average of an :class:`EMA`/:class:`SWA` that
         evaluates on it, else the module's own."""
-        from lightning_tricks.callbacks._averaging import WeightAverage
-
         module = trainer.lightning_module
-        for cb in trainer.callbacks:
-            if isinstance(cb, WeightAverage) and cb.evaluate_with_average and cb._ready(module):
-                return cb.averaged_state_dict()
+        for cb in find_callbacks(trainer, EvaluatesOtherWeights):
+            weights = cb.evaluated_state_dict(module)
+            if weights is not None:
+                return weights
         return module.state_dict()
 
     @override
@@ -202,7 +205,7 @@ class EarlyStopping(EarlyStoppingChecks):
         self._restore(trainer)
         saved = ""
         if self.checkpoint_on_stop:
-            folder = self.checkpoint_dir or trainer.log_dir or trainer.default_root_dir  # every rank: it broadcasts
+            folder = checkpoint_dir(trainer, self.checkpoint_dir)
             self.checkpoint_path = os.path.join(folder, f"early_stopping-epoch={trainer.current_epoch}.ckpt")
             trainer.save_checkpoint(self.checkpoint_path)  # every rank calls it: the stop decision is reduced
             saved = f" Checkpoint: {self.checkpoint_path}."
@@ -217,17 +220,8 @@ class EarlyStopping(EarlyStoppingChecks):
     def _restore(self, trainer: pl.Trainer) -> None:
         if not self.restore_best_weights or self.best_weights is None:
             return
-        # In place, tensor by tensor (each rank its own shards when sharded): the optimizer keeps its references.
-        state = trainer.lightning_module.state_dict()
-        missing = sorted(set(state) - set(self.best_weights))
-        if missing:
-            raise RuntimeError(f"EarlyStopping: the best weights lack {missing[:3]}: the module changed since they "
-                               "were taken.")
-        with torch.no_grad():
-            for key, value in state.items():
-                local(value).copy_(self.best_weights[key])
+        restore_weights(trainer.lightning_module, self.best_weights, owner="EarlyStopping")
         agree_on_buffers(trainer.lightning_module)  # DDP: the best check's statistics as rank 0 took them
-        self._restored = True
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -236,7 +230,6 @@ class EarlyStopping(EarlyStoppingChecks):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restored = False
         self._sharded = is_sharded(list(pl_module.parameters()))
 
     @override
@@ -297,6 +290,6 @@ class EarlyStopping(EarlyStoppingChecks):
         if self.__dict__.pop("_shards_pending", False):  # after the restore on every strategy; every rank together
             like = pl_module.state_dict()
             loaded = load_shards(self._checkpoint_path, self.state_key, list(like), like)
-            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in loaded.items()}
+            self.best_weights = copy_weights(loaded, "cpu")
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 from typing_extensions import override
 
-from lightning_tricks.callbacks._averaging import WeightAverage
+from lightning_tricks.callbacks.weight_average import WeightAverage
 from lightning_tricks.functional._checks import check_number
 from lightning_tricks.functional.averaging import decay_from_half_life, ema_decay, ema_update_
 

@@ -13,7 +13,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_tricks._compat import logger_step, loss_scale, unscales_itself
+from lightning_tricks._compat import loss_scale, unscales_itself
+from lightning_tricks._io import checkpoint_dir, log_to_loggers
 from lightning_tricks._sharding import ShardSum, is_sharded, local
 from lightning_tricks.functional._checks import check_choice, check_number
 from lightning_tricks.functional.gradients import GradientLayout
@@ -327,9 +328,7 @@ class GradientMonitor(pl.Callback):
         batch's own metrics (``self.log`` is not meant for a dozen keys from a callback hook at once). The values go
         into ``callback_metrics`` as CPU tensors so that other callbacks can read them.
         """
-        step = logger_step(trainer)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        log_to_loggers(trainer, metrics)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
     def _update_health(self, trainer: pl.Trainer, metrics: dict[str, float], norms: np.ndarray) -> None:
@@ -389,7 +388,7 @@ class GradientMonitor(pl.Callback):
                 p.grad = None
         self.stopped_step = first
         trainer.should_stop = True
-        folder = self.checkpoint_dir or trainer.log_dir or trainer.default_root_dir  # every rank: log_dir broadcasts
+        folder = checkpoint_dir(trainer, self.checkpoint_dir)
         path = os.path.join(folder, f"nonfinite-step={first}.ckpt")
         trainer.save_checkpoint(path)
         self.checkpoint_path = path

@@ -9,12 +9,12 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_tricks._compat import logger_step
+from lightning_tricks._io import log_to_loggers
 from lightning_tricks._sharding import local
-from lightning_tricks.callbacks._base import TrickCallback
 from lightning_tricks.functional._checks import check_choice, check_number
 from lightning_tricks.functional.regularization import elastic_net_penalty, elastic_net_prox_
 from lightning_tricks.groups import decayed_parameters
+from lightning_tricks.trick import TrickCallback
 
 __all__ = ["L1"]
 
@@ -136,6 +136,5 @@ class L1(TrickCallback):
             shards = [local(p) for p in self._params]
             zeros = torch.stack([(s == 0).sum() for s in shards]).sum()
             self.sparsity = float(zeros) / sum(s.numel() for s in shards)
-        for logger in trainer.loggers:
-            logger.log_metrics({"l1/sparsity": self.sparsity}, step=logger_step(trainer))
+        log_to_loggers(trainer, {"l1/sparsity": self.sparsity})
         trainer.callback_metrics["l1/sparsity"] = torch.tensor(self.sparsity)

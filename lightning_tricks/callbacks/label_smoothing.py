@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_tricks.callbacks._base import TrickCallback
 from lightning_tricks.functional._checks import check_choice, check_number
 from lightning_tricks.functional.targets import CONVENTIONS, TargetPlan
+from lightning_tricks.trick import TrickCallback
 
 if TYPE_CHECKING:
     from lightning_tricks.mixin import TricksMixin

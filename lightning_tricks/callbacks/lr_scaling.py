@@ -9,8 +9,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_tricks._compat import fit_train_dataloader
+from lightning_tricks._io import log_to_loggers
+from lightning_tricks.callbacks.lr_finder import LRFinder
 from lightning_tricks.functional._checks import check_choice, check_number
-from lightning_tricks.groups import RULES, scale_lrs, scaled_lr
+from lightning_tricks.groups import RULES, scaled_lr
+from lightning_tricks.lrs import scale_lrs
+from lightning_tricks.peers import find_callback
 
 __all__ = ["LRScaling", "data_parallel_size"]
 
@@ -56,12 +60,10 @@ class LRScaling(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning_tricks.tuning.lr_finder import LRFinder
-
         if stage != "fit":
             return
         self.effective_batch_size = self.factor = None  # a checkpoint's state, restored after setup, may set them
-        if any(isinstance(cb, LRFinder) for cb in trainer.callbacks):
+        if find_callback(trainer, LRFinder) is not None:
             raise ValueError("LRScaling with LRFinder: the finder picks the lr at this run's batch size already; "
                              "scaling it again would be wrong. Use one of them.")
 
@@ -83,9 +85,7 @@ class LRScaling(pl.Callback):
         self.effective_batch_size = batch
         self.factor = scaled_lr(1.0, batch, self.base_batch_size, self.rule)
         scale_lrs(trainer.optimizers, [c.scheduler for c in trainer.lr_scheduler_configs], self.factor)
-        for logger in trainer.loggers:
-            logger.log_metrics({"lr_scaling/effective_batch_size": float(batch), "lr_scaling/factor": self.factor},
-                               step=0)
+        log_to_loggers(trainer, {"lr_scaling/effective_batch_size": float(batch), "lr_scaling/factor": self.factor})
         rank_zero_info(f"LRScaling: effective batch {batch} (base {self.base_batch_size}, {self.rule} rule): every lr "
                        f"x {self.factor:.4g}.")
 

@@ -11,10 +11,10 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_tricks.callbacks._base import TrickCallback
 from lightning_tricks.functional._checks import check_choice, check_number
 from lightning_tricks.functional.mixing import Mix, box_lambda, box_mask, mix_pair, sample_box, sample_lambda
 from lightning_tricks.functional.targets import TargetPlan
+from lightning_tricks.trick import TrickCallback
 
 if TYPE_CHECKING:
     from lightning_tricks.mixin import TricksMixin

@@ -11,10 +11,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_tricks.callbacks._averaging import WeightAverage
 from lightning_tricks.callbacks.warmup_cosine import WarmupCosine
+from lightning_tricks.callbacks.weight_average import WeightAverage
 from lightning_tricks.functional._checks import check_number
 from lightning_tricks.functional.averaging import swa_update_
+from lightning_tricks.lrs import read_lrs, write_lrs
+from lightning_tricks.peers import find_callback
 
 
 class SWA(WeightAverage):
@@ -85,7 +87,7 @@ class SWA(WeightAverage):
         if max_epochs is not None and self.start_epoch >= max_epochs:
             raise ValueError(f"SWA starts at epoch {self.start_epoch} (start={self.start!r}), after the end of the run "
                              f"(max_epochs={max_epochs}, epochs 0-{max_epochs - 1}): lower `start`.")
-        if self.swa_lr is not None and any(isinstance(cb, WarmupCosine) for cb in trainer.callbacks):
+        if self.swa_lr is not None and find_callback(trainer, WarmupCosine) is not None:
             raise ValueError(
                 "SWA(swa_lr=...) sets the lr from its start epoch, but WarmupCosine sets it at every step too. Use "
                 "SWA(swa_lr=None) to average over WarmupCosine's tail (give it a floor: min_lr_ratio), or drop "
@@ -99,7 +101,7 @@ class SWA(WeightAverage):
         if self.swa_lr is None or self.start_epoch is None or trainer.current_epoch < self.start_epoch:
             return
         if self._start_lrs is None:
-            self._start_lrs = [[g["lr"] for g in opt.param_groups] for opt in trainer.optimizers]
+            self._start_lrs = read_lrs(trainer.optimizers)
         reference = self._start_lrs[0][0] or 1.0
         if self.anneal_epochs:
             batches = max(1, trainer.num_training_batches) if math.isfinite(trainer.num_training_batches) else 1
@@ -108,10 +110,9 @@ class SWA(WeightAverage):
         else:
             t = 1.0
         w = 0.5 * (1.0 - math.cos(math.pi * t))  # 0 at the start, 1 once annealed
-        for opt, starts in zip(trainer.optimizers, self._start_lrs):
-            for group, lr0 in zip(opt.param_groups, starts):
-                target = self.swa_lr * lr0 / reference
-                group["lr"] = (1.0 - w) * lr0 + w * target
+        swa_lr = self.swa_lr
+        write_lrs(trainer.optimizers, [[(1.0 - w) * lr0 + w * swa_lr * lr0 / reference for lr0 in starts]
+                                       for starts in self._start_lrs])
 
     # ------------------------------------------------------------------ the average
     def _epoch_end_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

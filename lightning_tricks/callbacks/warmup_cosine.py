@@ -12,6 +12,8 @@ from typing_extensions import override
 
 from lightning_tricks.functional._checks import check_number
 from lightning_tricks.functional.schedules import resolve_start_factor, warmup_cosine
+from lightning_tricks.lrs import read_lrs, write_lrs
+from lightning_tricks.peers import find_callbacks
 
 
 class WarmupCosine(pl.Callback):
@@ -95,7 +97,7 @@ class WarmupCosine(pl.Callback):
         # Lightning calls after `setup`.
         self.base_lrs = self.planned_total = self.warmup_steps = None
         self.batches_done = 0
-        if any(isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks):
+        if find_callbacks(trainer, GradientAccumulationScheduler):
             raise ValueError(
                 "WarmupCosine cannot be used with GradientAccumulationScheduler: Lightning's "
                 "`estimated_stepping_batches` ignores it (it estimates 24 steps where 12 run), so the schedule "
@@ -137,7 +139,7 @@ class WarmupCosine(pl.Callback):
             )
         total = self._estimate_total(trainer)
         if self.planned_total is None:  # a fresh run: plan it
-            self.base_lrs = [[float(g["lr"]) for g in opt.param_groups] for opt in trainer.optimizers]
+            self.base_lrs = read_lrs(trainer.optimizers)
             self._plan(total)
         elif total != self.planned_total:
             if self.total_steps is not None:
@@ -185,9 +187,7 @@ class WarmupCosine(pl.Callback):
         if self.base_lrs is None:
             return
         factor = self.lr_factor(self.batches_done if self._per_batch else trainer.global_step)
-        for opt, base in zip(trainer.optimizers, self.base_lrs):
-            for group, lr in zip(opt.param_groups, base):
-                group["lr"] = lr * factor
+        write_lrs(trainer.optimizers, self.base_lrs, factor)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

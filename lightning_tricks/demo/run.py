@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_tricks.callbacks import Distillation, EarlyStopping, TrainingDoctor
 from lightning_tricks.demo.data import mnist1d_splits
 from lightning_tricks.demo.model import Classifier, ConvBase
-from lightning_tricks.recipe import recipe
+from lightning_tricks.recipes import recipe
 
 CONFIGS = ("baseline", "recipe", "distilled")
 Data = tuple[TensorDataset, TensorDataset, TensorDataset]
@@ -93,6 +93,10 @@ def train_one(config: str, seed: int, args: argparse.Namespace, data: Data, teac
     callbacks: list[pl.Callback] = [recorder] + (recipe_callbacks(min_lr_ratio, ema) if config != "baseline" else [])
     if config == "distilled":
         callbacks.append(Distillation(teacher, temperature=args.temperature, alpha=args.alpha))
+    run_dir = str(args.out / f"{config}_seed{seed}")
+    for cb in callbacks:
+        if isinstance(cb, TrainingDoctor):
+            cb.out_dir = run_dir  # the doctor's report lands next to the run's results
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",
@@ -106,7 +110,7 @@ def train_one(config: str, seed: int, args: argparse.Namespace, data: Data, teac
         log_every_n_steps=1 if args.fast else 50,
         num_sanity_val_steps=0,
         deterministic=True,
-        default_root_dir=str(args.out / f"{config}_seed{seed}"),  # the doctor's report lands in --out
+        default_root_dir=run_dir,
     )
     start = time.perf_counter()
     trainer.fit(model, DataLoader(train, batch_size=args.batch_size, shuffle=True),

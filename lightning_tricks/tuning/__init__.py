@@ -1,6 +1,10 @@
-"""The guide's tuning workflow (section 10): prove the model can overfit one batch, find the lr, search the rest."""
+"""The tuning workflow: prove the model can overfit one batch, find the lr, search the rest.
 
-from lightning_tricks.tuning.lr_finder import LRFinder, LRFinderResult, lr_find, suggest
+The LR range test as a callback, run at the start of a fit, is :class:`lightning_tricks.LRFinder`.
+"""
+
+from lightning_tricks.tuning.lr_curve import LRFinderResult, suggest
+from lightning_tricks.tuning.lr_sweep import lr_find
 from lightning_tricks.tuning.overfit import OverfitResult, overfit_check
 
-__all__ = ["LRFinder", "LRFinderResult", "OverfitResult", "lr_find", "overfit_check", "suggest"]
+__all__ = ["LRFinderResult", "OverfitResult", "lr_find", "overfit_check", "suggest"]

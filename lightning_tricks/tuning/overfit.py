@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_tricks.functional._checks import check_number
+from lightning_tricks.weights import restore_weights, take_weights
 
 __all__ = ["OverfitResult", "overfit_check"]
 
@@ -86,7 +87,7 @@ def overfit_check(
         loss_fn: ``loss_fn(output, y)``; by default ``module.tricks_loss`` (plain cross-entropy outside a fit), else
             ``F.cross_entropy``.
 
-    The result is also kept on the module (``module.tricks_overfit_result``): :class:`TrainingDoctor` reports it.
+    Give the result to the fit's doctor, ``TrainingDoctor(overfit=result)``, to have it in the report.
     """
     check_number("steps", steps, low=1, integer=True)
     check_number("target_fraction", target_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -98,7 +99,7 @@ def overfit_check(
     x, y = x.to(device), y.to(device)
     if loss_fn is None:
         loss_fn = getattr(module, "tricks_loss", F.cross_entropy)
-    saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    saved = take_weights(module)
     was_training = module.training
     if optimizer is None:
         optimizer = _first_optimizer(module.configure_optimizers())  # type: ignore[operator]
@@ -123,12 +124,10 @@ def overfit_check(
         if not y.is_floating_point() and output.ndim == 2:
             accuracy = float((output.argmax(-1) == y).float().mean())
     finally:
-        module.load_state_dict(saved)
+        restore_weights(module, saved, owner="overfit_check")
         torch.set_rng_state(rng)
         module.train(was_training)
     initial = losses[0]
     passed = math.isfinite(final) and final < target_fraction * initial and accuracy in (None, 1.0)
-    result = OverfitResult(passed, initial, final, target_fraction, accuracy, steps, losses,
-                           [] if passed else list(CAUSES))
-    module.__dict__["tricks_overfit_result"] = result
-    return result
+    return OverfitResult(passed, initial, final, target_fraction, accuracy, steps, losses,
+                         [] if passed else list(CAUSES))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import importlib
 import json
 import tempfile
 import warnings
@@ -27,6 +26,7 @@ from typing import Any
 import lightning.pytorch as pl
 from typing_extensions import override
 
+from lightning_tricks._io import load_class
 from lightning_tricks.functional._checks import check_choice, check_number
 
 __all__ = ["DISTRIBUTIONS", "GUIDE_SPACE", "OptunaPruning", "load_space", "make_storage", "tune"]
@@ -40,13 +40,6 @@ GUIDE_SPACE: dict[str, dict[str, Any]] = {
     "model.weight_decay": {"log_uniform": [1e-6, 1e-3]},
     "data.batch_size": {"int": [16, 128], "log": True},
 }
-
-
-def _import(path: str) -> Any:
-    module, _, name = path.rpartition(".")
-    if not module:
-        raise ValueError(f"expected a dotted path such as 'pkg.module.Class', got {path!r}.")
-    return getattr(importlib.import_module(module), name)
 
 
 def load_space(space: str | Path | dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -203,8 +196,8 @@ def tune(
     check_choice("sampler", sampler, SAMPLERS)
     space = load_space(space)
     direction = "maximize" if infer_mode(monitor, mode) == "max" else "minimize"
-    model_cls = _import(model_class) if isinstance(model_class, str) else model_class
-    data_cls = _import(datamodule_class) if isinstance(datamodule_class, str) else datamodule_class
+    model_cls = load_class(model_class, "model_class")
+    data_cls = load_class(datamodule_class, "datamodule_class")
     base_args = [a for c in config for a in ("--config", str(c))] + list(args)
     _check_keys(model_cls, data_cls, base_args, space)
     if sampler == "grid":

@@ -14,9 +14,11 @@ from typing_extensions import override
 from lightning_tricks._compat import writes_sharded_checkpoint
 from lightning_tricks._sharded_state import add_shards, load_shards
 from lightning_tricks._sharding import agree_on_buffers, is_sharded, local
+from lightning_tricks.peers import ChoosesFinalWeights, EvaluatesOtherWeights, find_callbacks
+from lightning_tricks.weights import restore_weights, take_weights
 
 
-class WeightAverage(pl.Callback):
+class WeightAverage(EvaluatesOtherWeights, pl.Callback):
     """Base class of :class:`EMA` and :class:`SWA`: float32 averages of every floating tensor of
     ``module.state_dict()`` (parameters and floating buffers such as BatchNorm statistics; integer buffers are copied),
     on the module's device, without a copy of the module (no ``deepcopy``: it works on sharded modules, each rank
@@ -38,7 +40,7 @@ class WeightAverage(pl.Callback):
         self._names: list[str] | None = None
         self._targets: list[Tensor] = []  # the module's tensors (local shards), in state_dict order
         self._averages: list[Tensor | None] = []  # float32 averages of the floating ones, None for integer ones
-        self._backup: list[Tensor] | None = None
+        self._backup: dict[str, Tensor] | None = None
         self._loaded: dict[str, Tensor] | None = None
         self._sharded = False
         self._sharded_checkpoints = False
@@ -81,8 +83,8 @@ class WeightAverage(pl.Callback):
         """Whether an average exists (after the first update, or loaded from a checkpoint)."""
         return self.updates > 0
 
-    def _ready(self, pl_module: pl.LightningModule) -> bool:
-        """Collect the module's tensors if needed; whether there is an average to use."""
+    def _attach(self, pl_module: pl.LightningModule) -> bool:
+        """Bind a loaded or existing average to the module's tensors (once per fit); whether there is an average."""
         if self.has_average and self._names is None:
             self._collect(pl_module)
         return self.has_average
@@ -90,26 +92,36 @@ class WeightAverage(pl.Callback):
     def averaged_state_dict(self) -> dict[str, Tensor]:
         """The averaged weights with the keys of ``module.state_dict()`` (each rank's shards under sharding),
         in the module's dtypes; integer buffers as the module has them."""
+        names = self._check_attached()
+        return {k: (a.to(t.dtype, copy=True) if a is not None else t.clone())  # copies: the average moves on
+                for k, a, t in zip(names, self._averages, self._targets)}
+
+    def _average_views(self) -> dict[str, Tensor]:
+        """The average in the module's dtypes, without a copy where the dtype is float32 already."""
+        names = self._check_attached()
+        return {k: (a.to(t.dtype) if a is not None else t) for k, a, t in zip(names, self._averages, self._targets)}
+
+    def _check_attached(self) -> list[str]:
         if not self.has_average or self._names is None:
             raise RuntimeError(f"{type(self).__name__} has no average yet: it starts after the first update.")
-        return {k: (a.to(t.dtype, copy=True) if a is not None else t.clone())  # copies: the average moves on
-                for k, a, t in zip(self._names, self._averages, self._targets)}
+        return self._names
 
-    def _load_into_module(self, values: list[Tensor]) -> None:
-        with torch.no_grad():
-            for t, v in zip(self._targets, values):
-                t.copy_(v)
+    @override
+    def evaluated_state_dict(self, pl_module: pl.LightningModule) -> dict[str, Tensor] | None:
+        if not self.evaluate_with_average or not self._attach(pl_module):
+            return None
+        return self._average_views()
 
     # ------------------------------------------------------------------ evaluation on the average
     def _swap_in(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.evaluate_with_average or self._backup is not None or not self._ready(pl_module):
+        if not self.evaluate_with_average or self._backup is not None or not self._attach(pl_module):
             return
-        self._backup = [t.clone() for t in self._targets]
-        self._load_into_module([a.to(t.dtype) if a is not None else t for a, t in zip(self._averages, self._targets)])
+        self._backup = take_weights(pl_module)
+        restore_weights(pl_module, self._average_views(), owner=type(self).__name__)
 
     def _swap_out(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._backup is not None:
-            self._load_into_module(self._backup)
+            restore_weights(pl_module, self._backup, owner=type(self).__name__)
             self._backup = None
 
     @override
@@ -141,16 +153,13 @@ class WeightAverage(pl.Callback):
 
     def _load_average_at_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
         """Leave the average in the module (``keep_average_at_end``); whether it did."""
-        if not self.keep_average_at_end or not self._ready(pl_module):
+        if not self.keep_average_at_end or not self._attach(pl_module):
             return False
-        from lightning_tricks.callbacks.early_stopping import EarlyStopping
-
-        if any(isinstance(cb, EarlyStopping) and cb.restore_best_weights and cb.best_weights is not None
-               for cb in trainer.callbacks):
+        if any(cb.chooses_final_weights() for cb in find_callbacks(trainer, ChoosesFinalWeights)):
             # EarlyStopping restores the best check's weights (the averaged ones, when they were evaluated), before
             # or after this callback: the module ends on them whatever the order of the callbacks.
             return False
-        self._load_into_module([a.to(t.dtype) if a is not None else t for a, t in zip(self._averages, self._targets)])
+        restore_weights(pl_module, self._average_views(), owner=type(self).__name__)
         agree_on_buffers(pl_module)  # DDP: each rank's average holds its own last BatchNorm update
         rank_zero_info(f"{type(self).__name__}: the module now holds the averaged weights ({self.updates} updates).")
         return True
@@ -172,7 +181,7 @@ class WeightAverage(pl.Callback):
                            checkpoint: dict[str, Any]) -> None:
         # Sharded: every rank writes its shards of the average beside the module's (Lightning writes the rest of
         # a callback's state from rank 0 only)
-        if self.has_average and self._sharded_checkpoints and self._ready(pl_module) and self._sharded:
+        if self.has_average and self._sharded_checkpoints and self._attach(pl_module) and self._sharded:
             assert self._names is not None
             shards = {k: a for k, a in zip(self._names, self._averages) if a is not None}
             add_shards(checkpoint, self.state_key, shards, pl_module.state_dict())
@@ -204,4 +213,4 @@ class WeightAverage(pl.Callback):
             names = [k for k, v in like.items() if v.is_floating_point()]
             self._loaded = load_shards(self._checkpoint_path, self.state_key, names, like, torch.float32)
             self._names = None
-        self._ready(pl_module)  # a resumed average goes in place now, so it is usable from the first batch
+        self._attach(pl_module)  # a resumed average goes in place now, so it is usable from the first batch

@@ -84,10 +84,6 @@ def recipe(
     return callbacks
 
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm,
-          *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
-
-
 def adamw(
     module: nn.Module,
     lr: float = 1e-3,

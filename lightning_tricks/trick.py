@@ -1,8 +1,10 @@
-"""Base class of the callbacks that act through :class:`~lightning_tricks.TricksMixin`."""
+"""``TrickCallback``: the base class of the callbacks that change the training inputs or loss through
+:class:`~lightning_tricks.TricksMixin`, and :class:`TricksModule`, what such a callback needs of the module (the
+mixin provides it)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, cast, runtime_checkable
 
 import lightning.pytorch as pl
 from lightning.pytorch.core.datamodule import LightningDataModule
@@ -10,10 +12,31 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_tricks._compat import silence_module_hook_notice
 from lightning_tricks.functional.targets import TargetPlan
 
-if TYPE_CHECKING:
-    from lightning_tricks.mixin import TricksMixin
+__all__ = ["TrickCallback", "TricksModule"]
+
+
+@runtime_checkable
+class TricksModule(Protocol):
+    """The module side of the seam, as :class:`~lightning_tricks.TricksMixin` implements it."""
+
+    def tricks_inputs(self) -> Tensor:
+        """The inputs of the current training batch, after the batch tricks."""
+        ...
+
+    def tricks_loss(self, logits: Tensor, target: Tensor, class_dim: int | None = None) -> Tensor:
+        """The training loss under the tricks of this batch."""
+        ...
+
+    def tricks_check_seam(self, trick: TrickCallback) -> None:
+        """Raise if the current training batch did not pass through the seam."""
+        ...
+
+    def tricks_check_consumed(self) -> None:
+        """Raise if the tricks acted on this batch and its loss did not go through ``tricks_loss``."""
+        ...
 
 
 class TrickCallback(pl.Callback):
@@ -35,12 +58,12 @@ class TrickCallback(pl.Callback):
     #: Position among the trick callbacks (low first): label smoothing 10, mixing 20, distillation 30.
     order: int = 0
 
-    def transform_batch(self, pl_module: TricksMixin, x: Tensor | None,
+    def transform_batch(self, pl_module: TricksModule, x: Tensor | None,
                         plan: TargetPlan) -> tuple[Tensor | None, TargetPlan]:
         """Return the training inputs and the plan for the targets, transformed."""
         return x, plan
 
-    def transform_loss(self, pl_module: TricksMixin, logits: Tensor, target: Tensor, loss: Tensor) -> Tensor:
+    def transform_loss(self, pl_module: TricksModule, logits: Tensor, target: Tensor, loss: Tensor) -> Tensor:
         """Return the training loss, given the logits, the targets ``tricks_loss`` got and the loss so far."""
         return loss
 
@@ -56,16 +79,16 @@ class TrickCallback(pl.Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning_tricks.mixin import TricksMixin
-
         name = type(self).__name__
-        if not isinstance(pl_module, TricksMixin):
+        if not isinstance(pl_module, TricksModule):
             raise TypeError(
                 f"{name} changes the batch or the loss through TricksMixin, but {type(pl_module).__name__} does not "
                 f"use it: declare `class {type(pl_module).__name__}(TricksMixin, L.LightningModule)` and compute the "
                 "loss with `self.tricks_loss(logits, y)` (or keep the mixin's default training_step)."
             )
-        datamodule = trainer.datamodule
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        if datamodule is not None:
+            silence_module_hook_notice("on_after_batch_transfer")  # the module's hook is the seam: the intent
         if datamodule is not None and is_overridden("on_after_batch_transfer", datamodule, LightningDataModule):
             # Lightning calls the DataModule's hook *instead of* the module's (it only warns), which would
             # silently skip every trick.
@@ -78,14 +101,10 @@ class TrickCallback(pl.Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        from lightning_tricks.mixin import TricksMixin
-
-        if isinstance(pl_module, TricksMixin):
-            pl_module.tricks_check_seam(self)
+        if self.has_batch_transform or self.has_loss_transform:  # then setup made sure the module has the seam
+            cast(TricksModule, pl_module).tricks_check_seam(self)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        from lightning_tricks.mixin import TricksMixin
-
-        if isinstance(pl_module, TricksMixin):
-            pl_module.tricks_check_consumed()
+        if self.has_batch_transform or self.has_loss_transform:
+            cast(TricksModule, pl_module).tricks_check_consumed()
