@@ -16,6 +16,7 @@ from typing_extensions import override
 from lightning_tricks._compat import loss_scale, unscales_itself
 from lightning_tricks._io import checkpoint_dir, log_to_loggers
 from lightning_tricks._sharding import ShardSum, is_sharded, local
+from lightning_tricks.callbacks.gradient_health import GradientHealth
 from lightning_tricks.functional._checks import check_choice, check_number
 from lightning_tricks.functional.gradients import GradientLayout
 
@@ -152,11 +153,9 @@ class GradientMonitor(pl.Callback):
         # update; elsewhere at logging steps, with no per-step host read.
         single_cpu = trainer.world_size == 1 and self._device.type == "cpu"
         self._host_rows = self._norms.numpy() if single_cpu else None
-        self._baseline_sum = np.zeros(len(self.layout.names))
-        self._baseline_n = 0
-        self._out_of_range = [0] * len(self.layout.names)
-        self._flagged: set[str] = set()
-        self._warned: set[str] = set()
+        self._health = GradientHealth(self.layout.names, self.baseline_steps, self.vanish_ratio, self.explode_ratio,
+                                      self.patience)
+        self._warned_nonfinite = False
         self.stopped_step = self.stop_message = self.checkpoint_path = None
         self._lr_of_group = self._lr_locations(trainer)
         # Optimizers that unscale inside step() (fused AdamW under 16-mixed) get scaled gradients here.
@@ -303,7 +302,7 @@ class GradientMonitor(pl.Callback):
             metrics["grad/clip_fraction"] = float((totals > float(clip)).mean())
         if scaler is not None:
             metrics["amp/skipped_steps"] = metrics["grad/nonfinite_steps"]
-        self._update_health(trainer, metrics, np.sqrt(sq))
+        metrics |= self._health.update(self._row_steps, np.sqrt(sq), trainer.global_step)
         self._emit(trainer, metrics)
 
         bad = metrics["grad/nonfinite_steps"] > 0 and scaler is None
@@ -331,43 +330,6 @@ class GradientMonitor(pl.Callback):
         log_to_loggers(trainer, metrics)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
 
-    def _update_health(self, trainer: pl.Trainer, metrics: dict[str, float], norms: np.ndarray) -> None:
-        """Vanishing/exploding groups against their own early-run level (host-side, on the interval's rows)."""
-        for step, row in zip(self._row_steps, norms):
-            if step < self.baseline_steps and np.isfinite(row).all():
-                self._baseline_sum += row
-                self._baseline_n += 1
-        if self._baseline_n == 0 or self._row_steps[0] < self.baseline_steps:
-            return
-        finite_rows = norms[np.isfinite(norms).all(axis=1)]
-        if len(finite_rows) == 0:
-            return
-        level, now = self._baseline_sum / self._baseline_n, finite_rows.mean(axis=0)
-        for i, name in enumerate(self.layout.names):
-            if level[i] <= 0:
-                continue
-            state = None
-            if now[i] < self.vanish_ratio * level[i]:
-                state = "vanishing"
-            elif now[i] > self.explode_ratio * level[i]:
-                state = "exploding"
-            self._out_of_range[i] = self._out_of_range[i] + 1 if state else 0
-            for kind in ("vanishing", "exploding"):
-                key = f"grad/{kind}/{name}"
-                if state == kind and self._out_of_range[i] >= self.patience:
-                    metrics[key] = 1.0  # logged while flagged, 0 once when it recovers: few keys otherwise
-                    self._flagged.add(key)
-                elif key in self._flagged:
-                    metrics[key] = 0.0
-                    self._flagged.discard(key)
-            if state and self._out_of_range[i] >= self.patience and f"{state}/{name}" not in self._warned:
-                self._warned.add(f"{state}/{name}")
-                rank_zero_warn(
-                    f"GradientMonitor: the gradients of '{name}' are {state} at step {trainer.global_step}: mean norm "
-                    f"{now[i]:.3g} vs {level[i]:.3g} over the first {self.baseline_steps} steps "
-                    f"({now[i] / level[i]:.2g}x) for {self._out_of_range[i]} logging intervals."
-                )
-
     # ------------------------------------------------------------------ non-finite gradients
     def _handle_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sq: np.ndarray,
                           before_update: bool, skip: list[Tensor] | None = None) -> None:
@@ -377,8 +339,8 @@ class GradientMonitor(pl.Callback):
         msg = (f"GradientMonitor: non-finite gradients at optimizer step {first} in group(s) {', '.join(groups)} "
                f"(the first in the model's order: '{groups[0] if groups else '?'}').")
         if self.on_nonfinite == "warn":
-            if "nonfinite" not in self._warned:
-                self._warned.add("nonfinite")
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
                 rank_zero_warn(msg + " Training goes on (on_nonfinite='warn').")
             return
         if self.on_nonfinite == "raise":
