@@ -69,8 +69,9 @@ def add_drop_path(model: nn.Module, rate: float) -> int:
     for i, block in enumerate(blocks):
         p = rate * i / (n - 1) if n > 1 else rate
         last_norm = _torchvision_last_norm(block)
-        if isinstance(getattr(block, "drop_path", None), BranchDropPath):  # a second call: a new rate, no new hook
-            block.drop_path.drop.drop_prob = p
+        existing = getattr(block, "drop_path", None)
+        if isinstance(existing, BranchDropPath):  # a second call: a new rate, no new hook
+            existing.drop.drop_prob = p  # type: ignore[assignment]  # timm's DropPath attribute
         elif last_norm is not None:
             branch = BranchDropPath(p)
             block.drop_path = branch  # a submodule: train/eval and deep copies follow the model

@@ -65,7 +65,8 @@ def layer_of(module: nn.Module, layers: Layers | None = None) -> dict[str, int]:
     under it. Without it, :func:`block_order`, and parameters held by ``module`` itself (a ``cls_token``) go to layer 0.
     """
     given = layers is not None
-    entries = [[e] if isinstance(e, str) else list(e) for e in (layers if given else block_order(module))]
+    chosen: Layers = layers if layers is not None else block_order(module)
+    entries = [[e] if isinstance(e, str) else list(e) for e in chosen]
     found: dict[str, int] = {}
     used = [False] * len(entries)
     uncovered = []

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_tricks.functional._checks import check_choice, check_number
 from lightning_tricks.groups import NORM_LAYERS
@@ -90,12 +90,14 @@ def init_weights(
                 w.normal_(0.0, 1.0 / math.sqrt(fan_in))
             else:
                 nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
-            if sub.bias is not None:
+            if isinstance(sub.bias, Tensor):
                 sub.bias.zero_()
-        elif isinstance(sub, NORM_LAYERS) and getattr(sub, "weight", None) is not None:
-            sub.weight.fill_(1.0)
-            if getattr(sub, "bias", None) is not None:
-                sub.bias.zero_()
+        elif isinstance(sub, NORM_LAYERS):
+            weight, bias = getattr(sub, "weight", None), getattr(sub, "bias", None)
+            if isinstance(weight, Tensor):
+                weight.fill_(1.0)
+            if isinstance(bias, Tensor):
+                bias.zero_()
     if zero_init_residual:
         zero_init_residual_(module)
     return module
@@ -112,11 +114,12 @@ def zero_init_residual_(module: nn.Module) -> int:
     found = 0
     for sub in module.modules():
         last = _torchvision_last_norm(sub)
-        if last is not None:
+        zero_init_last = getattr(sub, "zero_init_last", None)
+        if last is not None and isinstance(last.weight, Tensor):
             last.weight.zero_()
             found += 1
-        elif callable(getattr(sub, "zero_init_last", None)):
-            sub.zero_init_last()
+        elif callable(zero_init_last):
+            zero_init_last()
             found += 1
     if not found:
         raise ValueError(f"zero_init_residual: no residual block found in {type(module).__name__} (torchvision "

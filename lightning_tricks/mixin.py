@@ -21,7 +21,7 @@ silently left out).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import RunningStage
@@ -206,7 +206,7 @@ class TricksMixin:
         k = self.num_classes
         if k is None:
             hparams = getattr(self, "hparams", None)
-            k = hparams.get("num_classes") if hasattr(hparams, "get") else None
+            k = hparams.get("num_classes") if hparams is not None and hasattr(hparams, "get") else None
         if k is not None:
             said.append((f"{type(self).__name__}.num_classes = {k}", k))
         for where, count in said:
@@ -248,10 +248,10 @@ class TricksMixin:
             acc = (correct * active).sum() / active.sum().clamp_min(1)
         loss_key, acc_key, evaluating = _STEP_KEYS[stage]
         n = x.shape[0]
-        self.log(loss_key, loss, prog_bar=evaluating or self.tricks_progress_bar_loss, on_step=not evaluating,
-                 on_epoch=True, sync_dist=evaluating, batch_size=n)  # type: ignore[attr-defined]
-        self.log(acc_key, acc, prog_bar=evaluating, on_step=False, on_epoch=True, sync_dist=evaluating,
-                 batch_size=n)  # type: ignore[attr-defined]
+        log = cast(pl.LightningModule, self).log
+        log(loss_key, loss, prog_bar=evaluating or self.tricks_progress_bar_loss, on_step=not evaluating,
+            on_epoch=True, sync_dist=evaluating, batch_size=n)
+        log(acc_key, acc, prog_bar=evaluating, on_step=False, on_epoch=True, sync_dist=evaluating, batch_size=n)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

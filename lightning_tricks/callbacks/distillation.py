@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
@@ -12,10 +10,7 @@ from typing_extensions import override
 from lightning_tricks._io import load_class
 from lightning_tricks.functional._checks import check_number
 from lightning_tricks.functional.distillation import soft_distillation_loss
-from lightning_tricks.trick import TrickCallback
-
-if TYPE_CHECKING:
-    from lightning_tricks.mixin import TricksMixin
+from lightning_tricks.trick import TrickCallback, TricksModule
 
 
 class Distillation(TrickCallback):
@@ -103,7 +98,7 @@ class Distillation(TrickCallback):
         self.teacher.eval()  # cheap insurance against user code that calls .train() on everything it can reach
 
     @override
-    def transform_loss(self, pl_module: TricksMixin, logits: Tensor, target: Tensor, loss: Tensor) -> Tensor:
+    def transform_loss(self, pl_module: TricksModule, logits: Tensor, target: Tensor, loss: Tensor) -> Tensor:
         if logits.ndim != 2:
             raise ValueError(
                 f"Distillation matches (N, K) class distributions, got student logits of shape {tuple(logits.shape)}: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -140,7 +141,7 @@ class EarlyStopping(ChoosesFinalWeights, EarlyStoppingChecks):
         self.summary: str | None = None
         self._sharded = False
         self._sharded_checkpoints = False
-        self._checkpoint_path: str | None = None
+        self._checkpoint_path: str | Path | None = None
 
     # ------------------------------------------------------------------ the check
     @override
@@ -289,6 +290,7 @@ class EarlyStopping(ChoosesFinalWeights, EarlyStoppingChecks):
         super().on_train_start(trainer, pl_module)
         if self.__dict__.pop("_shards_pending", False):  # after the restore on every strategy; every rank together
             like = pl_module.state_dict()
+            assert self._checkpoint_path is not None  # set by on_load_checkpoint
             loaded = load_shards(self._checkpoint_path, self.state_key, list(like), like)
             self.best_weights = copy_weights(loaded, "cpu")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -127,7 +128,7 @@ class GradientMonitor(pl.Callback):
         self.layout = GradientLayout.from_module(pl_module, self.group_by, include_frozen=True)
         params = self.layout.params
         self._device = pl_module.device
-        self._every = self.log_every_n_steps or trainer.log_every_n_steps
+        self._every = self.log_every_n_steps or trainer.log_every_n_steps  # type: ignore[attr-defined]
         # The norm of each parameter's (local) gradient, one row per training batch that stepped an optimizer.
         self._norms = torch.zeros(self._every, len(params), dtype=torch.float32, device=self._device)
         self._row_steps: list[int] = []
@@ -194,29 +195,29 @@ class GradientMonitor(pl.Callback):
             self._row_steps.append(trainer.global_step)
         row = len(self._row_steps) - 1
         params = self._params_of[index]
-        grads = [p.grad for p in params]
+        grads: list[Tensor | None] = [p.grad for p in params]
         if self._sharded:
             grads = [None if g is None else local(g) for g in grads]
         target = self._norms[row]
         present = tuple(i for i, g in enumerate(grads) if g is not None)
         if len(present) == len(grads):  # every parameter has a gradient (the usual case): one fused norm
-            norms = torch.stack(torch._foreach_norm(grads))
+            norms = torch.stack(torch._foreach_norm(cast(list[Tensor], grads)))
         else:  # some got none this step (frozen, e.g. by Finetune): their norm is 0
             norms = torch.zeros(len(grads), dtype=torch.float32, device=self._norms.device)
             if present:
                 known = self._present.get(index)
                 if known is None or known[0] != present:  # remade only when the set changes (unfreezing)
                     known = self._present[index] = (present, torch.tensor(present, device=norms.device))
-                found = torch.stack(torch._foreach_norm([grads[i] for i in present])).float()
+                found = torch.stack(torch._foreach_norm([cast(Tensor, grads[i]) for i in present])).float()
                 norms.index_copy_(0, known[1], found)
         if self._whole_rows:
             target.copy_(norms)
         else:
             target.index_copy_(0, self._column_index[index], norms.float())
         if len(trainer.optimizers) > 1:  # logged after the batch, when the optimizers may have dropped the gradients
-            present = [g for g in grads if g is not None]
-            if present:
-                self._max_abs[index] = torch.stack(torch._foreach_norm(present, ord=float("inf"))).float().max()
+            with_grad = [g for g in grads if g is not None]
+            if with_grad:
+                self._max_abs[index] = torch.stack(torch._foreach_norm(with_grad, ord=float("inf"))).float().max()
         scaler = self._scaler(trainer)
         if self._self_unscaling and scaler is not None:
             target[self._column_index[index]] = target[self._column_index[index]] / loss_scale(scaler).to(
@@ -332,7 +333,7 @@ class GradientMonitor(pl.Callback):
 
     # ------------------------------------------------------------------ non-finite gradients
     def _handle_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sq: np.ndarray,
-                          before_update: bool, skip: list[Tensor] | None = None) -> None:
+                          before_update: bool, skip: Sequence[Tensor] | None = None) -> None:
         bad_rows = np.flatnonzero(~np.isfinite(sq).all(axis=1))
         first = self._row_steps[bad_rows[0]]
         groups = [n for n, v in zip(self.layout.names, sq[bad_rows[0]]) if not math.isfinite(v)]

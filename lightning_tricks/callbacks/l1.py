@@ -124,10 +124,10 @@ class L1(TrickCallback):
                     # a parameter without a gradient did not step (frozen by Finetune, unused): leave it
                     stepped = [local(p) for p in params if p.grad is not None]
                     elastic_net_prox_(stepped, lr, self.l1, self.l2)
-        stepped = trainer.global_step != self._step
+        moved = trainer.global_step != self._step
         self._lrs.clear()
         self._step = trainer.global_step
-        if stepped and trainer.global_step % trainer.log_every_n_steps == 0:
+        if moved and trainer.global_step % trainer.log_every_n_steps == 0:  # type: ignore[attr-defined]
             self._log_sparsity(trainer)
 
     def _log_sparsity(self, trainer: pl.Trainer) -> None:

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_tricks.functional._checks import check_choice, check_number
 from lightning_tricks.functional.targets import CONVENTIONS, TargetPlan
-from lightning_tricks.trick import TrickCallback
-
-if TYPE_CHECKING:
-    from lightning_tricks.mixin import TricksMixin
+from lightning_tricks.trick import TrickCallback, TricksModule
 
 
 class LabelSmoothing(TrickCallback):
@@ -49,6 +44,6 @@ class LabelSmoothing(TrickCallback):
         self.num_classes = num_classes
 
     @override
-    def transform_batch(self, pl_module: TricksMixin, x: Tensor | None,
+    def transform_batch(self, pl_module: TricksModule, x: Tensor | None,
                         plan: TargetPlan) -> tuple[Tensor | None, TargetPlan]:
         return x, plan.smoothed(self.smoothing, self.convention)

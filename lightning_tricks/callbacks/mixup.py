@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -14,10 +14,7 @@ from typing_extensions import override
 from lightning_tricks.functional._checks import check_choice, check_number
 from lightning_tricks.functional.mixing import Mix, box_lambda, box_mask, mix_pair, sample_box, sample_lambda
 from lightning_tricks.functional.targets import TargetPlan
-from lightning_tricks.trick import TrickCallback
-
-if TYPE_CHECKING:
-    from lightning_tricks.mixin import TricksMixin
+from lightning_tricks.trick import TrickCallback, TricksModule
 
 MODES = ("batch", "elem")
 
@@ -165,7 +162,7 @@ class Mixup(TrickCallback):
 
     # ------------------------------------------------------------------ the seam
     @override
-    def transform_batch(self, pl_module: TricksMixin, x: Tensor | None,
+    def transform_batch(self, pl_module: TricksModule, x: Tensor | None,
                         plan: TargetPlan) -> tuple[Tensor | None, TargetPlan]:
         trainer = pl_module.trainer  # type: ignore[attr-defined]
         batch, self.batches_seen = self.batches_seen, self.batches_seen + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -44,7 +45,7 @@ class WeightAverage(EvaluatesOtherWeights, pl.Callback):
         self._loaded: dict[str, Tensor] | None = None
         self._sharded = False
         self._sharded_checkpoints = False
-        self._checkpoint_path: str | None = None
+        self._checkpoint_path: str | Path | None = None
 
     # ------------------------------------------------------------------ the module's tensors
     def _collect(self, pl_module: pl.LightningModule) -> None:
@@ -170,7 +171,7 @@ class WeightAverage(EvaluatesOtherWeights, pl.Callback):
         state: dict[str, Any] = {"updates": self.updates}
         if self.has_average and self._names is None and self._loaded is not None:  # resumed, not used since
             state["average"] = self._loaded
-        elif self.has_average and not self._sharded:
+        elif self.has_average and not self._sharded and self._names is not None:
             state["average"] = {k: a.detach().cpu() for k, a in zip(self._names, self._averages) if a is not None}
         elif self.has_average and self._sharded_checkpoints:  # each rank's shards: see on_save_checkpoint
             state["average_in_shards"] = True
@@ -211,6 +212,7 @@ class WeightAverage(EvaluatesOtherWeights, pl.Callback):
         if self.__dict__.pop("_shards_pending", False):
             like = pl_module.state_dict()
             names = [k for k, v in like.items() if v.is_floating_point()]
+            assert self._checkpoint_path is not None  # set by on_load_checkpoint
             self._loaded = load_shards(self._checkpoint_path, self.state_key, names, like, torch.float32)
             self._names = None
         self._attach(pl_module)  # a resumed average goes in place now, so it is usable from the first batch

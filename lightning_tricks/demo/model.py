@@ -44,7 +44,8 @@ class Classifier(TricksMixin, pl.LightningModule):
         return self.net(x)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"],
+                                 weight_decay=self.hparams["weight_decay"])
 
 
 class ConvBaseClassifier(Classifier):

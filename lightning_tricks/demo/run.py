@@ -46,7 +46,7 @@ class Recorder(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         m = trainer.callback_metrics
-        row = {"epoch": trainer.current_epoch}
+        row: dict[str, float] = {"epoch": trainer.current_epoch}
         for key, value in m.items():
             if key in ("train_loss_epoch", "train_acc", "val_loss", "val_acc") or key.startswith("grad/norm"):
                 row[key] = float(value)
@@ -92,6 +92,8 @@ def train_one(config: str, seed: int, args: argparse.Namespace, data: Data, teac
     ema = args.ema if config != "baseline" and channels == 25 else None
     callbacks: list[pl.Callback] = [recorder] + (recipe_callbacks(min_lr_ratio, ema) if config != "baseline" else [])
     if config == "distilled":
+        if teacher is None:
+            raise ValueError("the distilled run needs the teacher")
         callbacks.append(Distillation(teacher, temperature=args.temperature, alpha=args.alpha))
     run_dir = str(args.out / f"{config}_seed{seed}")
     for cb in callbacks:
@@ -120,7 +122,7 @@ def train_one(config: str, seed: int, args: argparse.Namespace, data: Data, teac
     val_accs = [e["val_acc"] for e in recorder.epochs if "val_acc" in e]
     doctor = next((cb for cb in callbacks if isinstance(cb, TrainingDoctor)), None)
     stopper = next((cb for cb in callbacks if isinstance(cb, EarlyStopping)), None)
-    result = {
+    result: dict[str, Any] = {
         "config": config,
         "seed": seed,
         "test_acc": float(tested["test_acc"]),
@@ -204,9 +206,9 @@ def write_outputs(results: list[dict[str, Any]], out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for config in CONFIGS:
-        r = next((r for r in results if r["config"] == config), None)
-        if r:
-            ax.plot(r["lr"], label=f"{config} (seed {r['seed']})")
+        run = next((r for r in results if r["config"] == config), None)
+        if run:
+            ax.plot(run["lr"], label=f"{config} (seed {run['seed']})")
     ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate per optimizer step")
     ax.legend()
     fig.tight_layout()

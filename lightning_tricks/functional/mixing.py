@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,7 +159,7 @@ def sample_box(
     box lies fully inside. ``size`` draws one box per sample (``lam`` then has ``size`` entries).
     """
     d = len(spatial)
-    box = []
+    box: list[Any] = []
     for length in spatial:
         if minmax is not None:
             low = int(length * minmax[0])

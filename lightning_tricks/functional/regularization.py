@@ -27,9 +27,9 @@ def elastic_net_penalty(params: Sequence[Tensor], l1: float, l2: float = 0.0) ->
         raise ValueError("`params` is empty: nothing to penalise.")
     total = params[0].new_zeros((), dtype=torch.float32)
     if l1:
-        total = total + l1 * torch.stack(torch._foreach_norm(params, 1)).float().sum()
+        total = total + l1 * torch.stack(torch._foreach_norm(list(params), 1)).float().sum()
     if l2:
-        total = total + l2 * torch.stack(torch._foreach_norm(params, 2)).float().square().sum()
+        total = total + l2 * torch.stack(torch._foreach_norm(list(params), 2)).float().square().sum()
     return total
 
 

@@ -130,7 +130,7 @@ def to_soft_targets(target: Tensor, num_classes: int, ignore_index: int | None =
         index = torch.where(active, target, 0)
         value = active.unsqueeze(1).float()
     try:
-        soft.scatter_(1, index.unsqueeze(1), value)  # type: ignore[arg-type]
+        soft.scatter_(1, index.unsqueeze(1), value)
     except RuntimeError:
         raise _range_error(target, num_classes, ignore_index) from None
     return soft

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
-from torch import nn
 
 from lightning_tricks.functional._checks import check_choice
 
@@ -53,7 +53,7 @@ class LRFinderResult:
             raise RuntimeError(f"no '{choice}' suggestion: the sweep recorded too few points ({len(self.lrs)}).")
         return float(value)
 
-    def apply(self, module: nn.Module, choice: str = "steep") -> float:
+    def apply(self, module: pl.LightningModule, choice: str = "steep") -> float:
         """Scale the module's ``lr`` (an attribute or a hyper-parameter) by the sweep's chosen factor and return the
         new value; the next ``configure_optimizers`` (e.g. ``adamw(self, lr=self.hparams.lr)``) uses it.
 
@@ -67,12 +67,12 @@ class LRFinderResult:
         if not has_hparam and not hasattr(module, "lr"):
             raise AttributeError(f"{type(module).__name__} has no `lr` attribute or hyper-parameter: pass the "
                                  f"suggestion ({suggestion:.3g}, group 0's lr) to your optimizer yourself.")
-        current = float(module.hparams["lr"] if has_hparam else module.lr)  # type: ignore[union-attr]
+        current = float(module.hparams["lr"] if has_hparam else getattr(module, "lr"))  # noqa: B009
         lr = suggestion if not self.start_lr else current * suggestion / self.start_lr
         if has_hparam:
             module.hparams["lr"] = lr
         if hasattr(module, "lr"):
-            module.lr = lr
+            setattr(module, "lr", lr)  # noqa: B010
         return lr
 
     def plot(self, path: str | None = None) -> Any:

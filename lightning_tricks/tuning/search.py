@@ -21,7 +21,7 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from typing_extensions import override
@@ -195,7 +195,7 @@ def tune(
     check_number("n_trials", n_trials, low=1, integer=True)
     check_choice("sampler", sampler, SAMPLERS)
     space = load_space(space)
-    direction = "maximize" if infer_mode(monitor, mode) == "max" else "minimize"
+    direction: Literal["minimize", "maximize"] = "maximize" if infer_mode(monitor, mode) == "max" else "minimize"
     model_cls = load_class(model_class, "model_class")
     data_cls = load_class(datamodule_class, "datamodule_class")
     base_args = [a for c in config for a in ("--config", str(c))] + list(args)
@@ -203,7 +203,8 @@ def tune(
     if sampler == "grid":
         if not all("choice" in spec for spec in space.values()):
             raise ValueError("sampler='grid' needs every search space key to be a `choice` list of values.")
-        chosen = optuna.samplers.GridSampler({k: spec["choice"] for k, spec in space.items()}, seed=seed)
+        grid = {k: spec["choice"] for k, spec in space.items()}
+        chosen: optuna.samplers.BaseSampler = optuna.samplers.GridSampler(grid, seed=seed)
     elif sampler == "random":
         chosen = optuna.samplers.RandomSampler(seed=seed)
     else:
@@ -294,11 +295,11 @@ def write_outputs(study: Any, out: Path, config: Sequence[str | Path], space: di
         warnings.filterwarnings("ignore", ".*experimental.*")  # Optuna's matplotlib plots say they are experimental
         if complete:
             ax = plot_optimization_history(study)
-            ax.figure.savefig(out / "history.png", dpi=100, bbox_inches="tight")
+            ax.figure.savefig(out / "history.png", dpi=100, bbox_inches="tight")  # type: ignore[union-attr]
             written.append(out / "history.png")
         if len(complete) >= 2 and len(keys) >= 2:
             ax = plot_param_importances(study)
-            ax.figure.savefig(out / "importance.png", dpi=100, bbox_inches="tight")
+            ax.figure.savefig(out / "importance.png", dpi=100, bbox_inches="tight")  # type: ignore[union-attr]
             written.append(out / "importance.png")
     return written
 
