@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -48,6 +49,36 @@ def make_data(n: int = 64, seed: int = 0, num_classes: int = 4) -> TensorDataset
 
 def loader(n: int = 64, batch_size: int = 8, seed: int = 0, shuffle: bool = False) -> DataLoader:
     return DataLoader(make_data(n, seed), batch_size=batch_size, shuffle=shuffle)
+
+
+class MetricsRecorder(Logger):
+    """A logger that keeps every ``log_metrics`` call: what a callback logged, seen the way a user's logger sees it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recorder"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append((step, dict(metrics)))
+
+    def history(self, key: str = "grad/norm") -> list[dict[str, float]]:
+        """The logged dicts that hold ``key``, in order."""
+        return [m for _, m in self.records if key in m]
+
+    def steps(self, key: str = "grad/norm") -> list[int | None]:
+        """The logger steps of those dicts."""
+        return [step for step, m in self.records if key in m]
 
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:

@@ -38,6 +38,9 @@ from lightning_tricks import (
     recipe,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository root for `tests`
+from tests.conftest import MetricsRecorder
+
 warnings.filterwarnings("ignore")
 
 
@@ -106,25 +109,15 @@ class FullNorm(pl.Callback):
         self.norms.append(float(torch.nn.utils.get_total_norm(full)))
 
 
-class Recording(GradientMonitor):
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.history: list[dict[str, float]] = []
-
-    def _emit(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-        super()._emit(trainer, metrics)
-        self.history.append(dict(metrics))
-
-
 def case_monitor(out: Path) -> None:
-    ref, mon = FullNorm(), Recording(log_every_n_steps=1)
-    t = trainer(out, max_steps=6, accumulate_grad_batches=2, callbacks=[ref, mon])
+    ref, mon, rec = FullNorm(), GradientMonitor(log_every_n_steps=1), MetricsRecorder()
+    t = trainer(out, max_steps=6, accumulate_grad_batches=2, callbacks=[ref, mon], logger=rec)
     t.fit(ShardedNet(), data())
-    assert len(mon.history) == len(ref.norms) == 6
-    for m, r in zip(mon.history, ref.norms):
+    assert len(rec.history()) == len(ref.norms) == 6
+    for m, r in zip(rec.history(), ref.norms):
         assert abs(m["grad/norm"] - r) <= 1e-5 * r, (m["grad/norm"], r)
     assert isinstance(next(iter(t.lightning_module.parameters())), DTensor)
-    both = gathered(t, [m["grad/norm"] for m in mon.history])
+    both = gathered(t, [m["grad/norm"] for m in rec.history()])
     assert torch.equal(both[0], both[1])  # every rank logs the same figure
 
 
@@ -204,11 +197,12 @@ class DocsMeshNet(ShardedNet):
 
 def case_docs_mesh(out: Path) -> None:
     """Regression: GradientMonitor refused ("sharded in 2 different ways"): it compared meshes by identity."""
-    ref, mon = FullNorm(), Recording(log_every_n_steps=1)
-    t = trainer(out, max_steps=4, callbacks=[*recipe(early_stopping=None, doctor=False, monitor=False), ref, mon])
+    ref, mon, rec = FullNorm(), GradientMonitor(log_every_n_steps=1), MetricsRecorder()
+    t = trainer(out, max_steps=4, callbacks=[*recipe(early_stopping=None, doctor=False, monitor=False), ref, mon],
+                logger=rec)
     t.fit(DocsMeshNet(), data())
-    assert len(mon.history) == len(ref.norms) == 4
-    for m, r in zip(mon.history, ref.norms):
+    assert len(rec.history()) == len(ref.norms) == 4
+    for m, r in zip(rec.history(), ref.norms):
         assert abs(m["grad/norm"] - r) <= 1e-5 * max(1.0, r)
 
 

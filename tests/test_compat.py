@@ -16,6 +16,7 @@ from lightning_tricks._compat import (
     fit_train_dataloader,
     logger_step,
     loss_scale,
+    silence_module_hook_notice,
     unscales_itself,
     writes_sharded_checkpoint,
 )
@@ -100,3 +101,28 @@ def test_the_distributed_checkpoint_flag_of_model_parallel_strategy() -> None:
         trainer = quiet_trainer(strategy=ModelParallelStrategy(save_distributed_checkpoint=flag))
         assert writes_sharded_checkpoint(trainer) is flag
     assert writes_sharded_checkpoint(quiet_trainer()) is False
+
+
+def test_the_silenced_notice_is_the_one_lightning_gives() -> None:
+    """Lightning's selector of the module's or the DataModule's hook warns with exactly the text we mark as given."""
+    import warnings
+
+    from lightning.pytorch.trainer.connectors import data_connector
+
+    class Hooked(TinyNet):
+        def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            return batch
+
+    selector = data_connector._DataHookSelector(Hooked(), pl.LightningDataModule())
+    silence_module_hook_notice("on_after_batch_transfer")
+    marked = {m for m in data_connector.warning_cache if "on_after_batch_transfer" in m}
+    data_connector.warning_cache.difference_update(marked)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert selector.get_instance("on_after_batch_transfer") is selector.model
+    assert len(marked) == 1 and [str(w.message) for w in caught] == list(marked)
+    silence_module_hook_notice("on_after_batch_transfer")  # marked as given again: silent now
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        selector.get_instance("on_after_batch_transfer")
+    assert caught == []

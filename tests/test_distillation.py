@@ -111,6 +111,7 @@ def test_trainer_loss_teacher_and_checkpoint(precision: str, accumulate: int, tm
     for p, q in zip(teacher.parameters(), before):
         assert torch.equal(p, q)  # never trained
     teacher.eval()
+    assert len(model.records) == 16
     for r in model.records:
         with torch.no_grad():
             t_logits = teacher(r["x"])  # the teacher saw the same, mixed, input

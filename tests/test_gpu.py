@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lightning_tricks import EarlyStopping, GradientMonitor, LabelSmoothing, Mixup, TrainingDoctor, WarmupCosine
-from tests.conftest import TinyNet, loader
-from tests.test_gradient_monitor import NaNAt, Recording, Reference
+from tests.conftest import MetricsRecorder, TinyNet, loader
+from tests.test_gradient_monitor import NaNAt, Reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -117,15 +117,16 @@ def test_tricks_add_no_sync_between_logging_steps(clip: float | None) -> None:
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_norms_match_reference_on_gpu(precision: str) -> None:
-    ref, mon = Reference(), Recording(log_every_n_steps=1)
-    trainer = gpu_trainer(max_steps=8, precision=precision, accumulate_grad_batches=2, callbacks=[ref, mon])
+    ref, mon, rec = Reference(), GradientMonitor(log_every_n_steps=1), MetricsRecorder()
+    trainer = gpu_trainer(max_steps=8, precision=precision, accumulate_grad_batches=2, callbacks=[ref, mon],
+                          logger=rec)
     trainer.fit(TinyNet(), loader(128, 8))
-    assert len(mon.history) == 8
-    for r, m in zip(ref.norms, mon.history):
+    assert len(rec.history()) == 8
+    for r, m in zip(ref.norms, rec.history()):
         if r == r and r != float("inf"):  # GradScaler-skipped steps are inf in both
             assert m["grad/norm"] == pytest.approx(r, rel=1e-4)
     if precision == "16-mixed":
-        assert "amp/loss_scale" in mon.history[-1]
+        assert "amp/loss_scale" in rec.history()[-1]
 
 
 def test_mixup_targets_float32_under_bf16() -> None:

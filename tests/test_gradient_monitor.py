@@ -16,7 +16,7 @@ from torch import nn
 from lightning_tricks import GradientMonitor
 from lightning_tricks.callbacks.gradient_monitor import NonFiniteGradientError
 from lightning_tricks.functional.gradients import GradientLayout
-from tests.conftest import TinyNet, loader, quiet_trainer
+from tests.conftest import MetricsRecorder, TinyNet, loader, quiet_trainer
 
 
 def test_layout_groups_by_top_level_module() -> None:
@@ -39,24 +39,6 @@ class Reference(pl.Callback):
                             for m in (pl_module.conv, pl_module.head)])
 
 
-def _logged(monitor: GradientMonitor, key: str) -> list[float]:
-    return [m[key] for m in monitor.history]
-
-
-class Recording(GradientMonitor):
-    """GradientMonitor that also keeps what it logged, to compare with the reference."""
-
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.history: list[dict[str, float]] = []
-        self.steps: list[int] = []
-
-    def _emit(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-        self.history.append(dict(metrics))
-        self.steps.append(trainer.global_step)
-        super()._emit(trainer, metrics)
-
-
 def _cpu_fp16_plugin() -> MixedPrecision:
     return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))
 
@@ -64,18 +46,19 @@ def _cpu_fp16_plugin() -> MixedPrecision:
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
 @pytest.mark.parametrize("accumulate", [1, 4])
 def test_norms_equal_reference_once_per_step(precision: str, accumulate: int) -> None:
-    ref, mon = Reference(), Recording(log_every_n_steps=1)
+    ref, mon, rec = Reference(), GradientMonitor(log_every_n_steps=1), MetricsRecorder()
     kw: dict[str, Any] = {"plugins": [_cpu_fp16_plugin()]} if precision == "16-mixed" else {"precision": precision}
-    trainer = quiet_trainer(max_epochs=2, accumulate_grad_batches=accumulate, callbacks=[ref, mon], **kw)
+    trainer = quiet_trainer(logger=rec, max_epochs=2, accumulate_grad_batches=accumulate, callbacks=[ref, mon], **kw)
     trainer.fit(TinyNet(), loader(64, 8))
     steps = 2 * (8 // accumulate)
-    assert trainer.global_step == steps == len(ref.norms) == len(mon.history)  # one record per optimizer step
-    for r, m, groups in zip(ref.norms, mon.history, ref.groups):
+    assert trainer.global_step == steps == len(ref.norms) == len(rec.history())  # one record per optimizer step
+    assert len(rec.history()) == steps
+    for r, m, groups in zip(ref.norms, rec.history(), ref.groups):
         assert m["grad/norm"] == pytest.approx(r, rel=1e-5)  # unscaled, accumulated
         assert m["grad/norm/conv"] == pytest.approx(groups[0], rel=1e-5)
         assert m["grad/norm/head"] == pytest.approx(groups[1], rel=1e-5)
     if precision == "16-mixed":
-        assert all("amp/loss_scale" in m for m in mon.history)
+        assert all("amp/loss_scale" in m for m in rec.history())
 
 
 class SometimesUnusedHead(TinyNet):
@@ -99,24 +82,25 @@ def test_parameters_without_gradient_count_as_zero() -> None:
             extra = [p.grad for p in pl_module.extra.parameters() if p.grad is not None]
             self.groups.append([torch.nn.utils.get_total_norm(extra).item() if extra else 0.0])
 
-    ref, mon = Ref(), Recording(log_every_n_steps=1)
+    ref, mon, rec = Ref(), GradientMonitor(log_every_n_steps=1), MetricsRecorder()
     model = SometimesUnusedHead()
     model.configure_optimizers = lambda: torch.optim.SGD(model.parameters(), lr=0.01)  # type: ignore[method-assign]
-    trainer = quiet_trainer(max_steps=4, callbacks=[ref, mon])
+    trainer = quiet_trainer(logger=rec, max_steps=4, callbacks=[ref, mon])
     trainer.fit(model, loader(64, 8))
     assert [g[0] == 0.0 for g in ref.groups] == [True, False, True, False]  # the case under test happened
-    for r, m, groups in zip(ref.norms, mon.history, ref.groups):
+    assert len(rec.history()) == 4
+    for r, m, groups in zip(ref.norms, rec.history(), ref.groups):
         assert m["grad/norm"] == pytest.approx(r, rel=1e-5)
         assert m["grad/norm/extra"] == pytest.approx(groups[0], rel=1e-5, abs=1e-12)
 
 
 def test_low_precision_parameters() -> None:
     """bf16-true: parameters and gradients in bf16, norms kept in float32 (the non-stacking path)."""
-    ref, mon = Reference(), Recording(log_every_n_steps=1)
-    trainer = quiet_trainer(max_steps=3, precision="bf16-true", callbacks=[ref, mon])
+    ref, mon, rec = Reference(), GradientMonitor(log_every_n_steps=1), MetricsRecorder()
+    trainer = quiet_trainer(logger=rec, max_steps=3, precision="bf16-true", callbacks=[ref, mon])
     trainer.fit(TinyNet(), loader(64, 8))
-    assert len(mon.history) == 3
-    for r, m in zip(ref.norms, mon.history):
+    assert len(rec.history()) == 3
+    for r, m in zip(ref.norms, rec.history()):
         assert m["grad/norm"] == pytest.approx(r, rel=2e-2)  # bf16 per-parameter norms: ~3 significant digits
 
 
@@ -126,19 +110,21 @@ class FusedNet(TinyNet):
 
 
 def test_fused_optimizer_under_16_mixed_is_unscaled() -> None:
-    ref, mon = Reference(), Recording(log_every_n_steps=1)
-    trainer = quiet_trainer(max_steps=4, callbacks=[ref, mon], plugins=[_cpu_fp16_plugin()])
+    ref, mon, rec = Reference(), GradientMonitor(log_every_n_steps=1), MetricsRecorder()
+    trainer = quiet_trainer(logger=rec, max_steps=4, callbacks=[ref, mon], plugins=[_cpu_fp16_plugin()])
     trainer.fit(FusedNet(), loader())
     scale = trainer.precision_plugin.scaler.get_scale()
-    for r, m in zip(ref.norms, mon.history):  # the reference sees scaled grads here; ours divides by the scale
+    assert len(rec.history()) == len(ref.norms) == 4
+    for r, m in zip(ref.norms, rec.history()):  # the reference sees scaled grads here; ours divides by the scale
         assert m["grad/norm"] == pytest.approx(r / scale, rel=1e-4)
 
 
 def test_clipping_reports_post_clip_norm_and_fraction() -> None:
-    ref, mon = Reference(), Recording(log_every_n_steps=4)
-    trainer = quiet_trainer(max_steps=8, gradient_clip_val=0.05, callbacks=[ref, mon])
+    ref, mon, rec = Reference(), GradientMonitor(log_every_n_steps=4), MetricsRecorder()
+    trainer = quiet_trainer(logger=rec, max_steps=8, gradient_clip_val=0.05, callbacks=[ref, mon])
     trainer.fit(TinyNet(), loader())
-    for m, step in zip(mon.history, mon.steps):
+    assert len(rec.history()) == 2  # two intervals of 4 steps
+    for m, step in zip(rec.history(), rec.steps()):
         pre = ref.norms[step]
         assert m["grad/norm_clipped"] == pytest.approx(min(pre, 0.05), rel=1e-3)
         window = ref.norms[step - 3: step + 1]
@@ -243,11 +229,11 @@ def test_warn_on_nonfinite_goes_on() -> None:
 
 
 def test_16_mixed_skipped_steps_are_counted_not_flagged() -> None:
-    mon = Recording(log_every_n_steps=3, on_nonfinite="raise")
-    trainer = quiet_trainer(max_steps=6, callbacks=[mon], plugins=[_cpu_fp16_plugin()])
+    mon, rec = GradientMonitor(log_every_n_steps=3, on_nonfinite="raise"), MetricsRecorder()
+    trainer = quiet_trainer(logger=rec, max_steps=6, callbacks=[mon], plugins=[_cpu_fp16_plugin()])
     trainer.fit(NaNAt(1), loader())  # GradScaler skips that step: normal under 16-mixed
-    assert mon.history[0]["amp/skipped_steps"] == 1.0 and mon.history[1]["amp/skipped_steps"] == 0.0
-    assert mon.history[0]["amp/loss_scale"] < 1024.0
+    assert rec.history()[0]["amp/skipped_steps"] == 1.0 and rec.history()[1]["amp/skipped_steps"] == 0.0
+    assert rec.history()[0]["amp/loss_scale"] < 1024.0
 
 
 class Vanishing(TinyNet):
@@ -260,12 +246,12 @@ class Vanishing(TinyNet):
 
 
 def test_vanishing_group_is_flagged() -> None:
-    mon = Recording(log_every_n_steps=2, baseline_steps=5, patience=2)
-    trainer = quiet_trainer(max_steps=24, callbacks=[mon])
+    mon, rec = GradientMonitor(log_every_n_steps=2, baseline_steps=5, patience=2), MetricsRecorder()
+    trainer = quiet_trainer(logger=rec, max_steps=24, callbacks=[mon])
     with pytest.warns(UserWarning, match="gradients of 'conv' are vanishing"):
         trainer.fit(Vanishing(), loader(64, 8))
-    flagged = [m.get("grad/vanishing/conv") for m in mon.history]
-    assert 1.0 in flagged and all(m.get("grad/vanishing/head") is None for m in mon.history)
+    flagged = [m.get("grad/vanishing/conv") for m in rec.history()]
+    assert 1.0 in flagged and all(m.get("grad/vanishing/head") is None for m in rec.history())
 
 
 class _DDPCheck(pl.Callback):
@@ -276,18 +262,18 @@ class _DDPCheck(pl.Callback):
         self.ref.on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        mon = next(c for c in trainer.callbacks if isinstance(c, Recording))
-        assert len(mon.history) == trainer.global_step == 4
-        for r, m in zip(self.ref.norms, mon.history):
+        history = trainer.logger.history()
+        assert len(history) == trainer.global_step == 4
+        for r, m in zip(self.ref.norms, history):
             assert abs(m["grad/norm"] - r) <= 1e-5 * r  # all-reduced gradients, same on every rank
-        norms = torch.tensor([m["grad/norm"] for m in mon.history], dtype=torch.float64)
+        norms = torch.tensor([m["grad/norm"] for m in history], dtype=torch.float64)
         gathered = trainer.strategy.all_gather(norms)
         assert torch.equal(gathered[0], gathered[1])
 
 
 def test_ddp_two_cpu_processes() -> None:
     trainer = quiet_trainer(devices=2, strategy="ddp_fork", max_epochs=1, accumulate_grad_batches=2,
-                            callbacks=[Recording(log_every_n_steps=1), _DDPCheck()])
+                            logger=MetricsRecorder(), callbacks=[GradientMonitor(log_every_n_steps=1), _DDPCheck()])
     trainer.fit(TinyNet(), loader(128, 8))
     assert trainer.state.finished
 
@@ -337,8 +323,8 @@ def test_metrics_reach_the_logger_and_callback_metrics(tmp_path: Any) -> None:
 
 def test_warn_every_step_keeps_logging() -> None:
     """Regression: a non-finite step in "warn" mode must still flush the interval's buffer."""
-    mon = Recording(log_every_n_steps=1, on_nonfinite="warn")
-    trainer = quiet_trainer(max_steps=5, callbacks=[mon])
+    mon, rec = GradientMonitor(log_every_n_steps=1, on_nonfinite="warn"), MetricsRecorder()
+    trainer = quiet_trainer(logger=rec, max_steps=5, callbacks=[mon])
     with pytest.warns(UserWarning, match="Training goes on"):
         trainer.fit(NaNAt(1), loader())
-    assert len(mon.history) == 5 and mon.history[1]["grad/nonfinite_steps"] == 1.0
+    assert len(rec.history()) == 5 and rec.history()[1]["grad/nonfinite_steps"] == 1.0

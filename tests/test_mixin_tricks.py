@@ -80,6 +80,7 @@ class Probe(TinyNet):
 def test_label_smoothing_loss(convention: str) -> None:
     model = Probe()
     quiet_trainer(max_steps=4, callbacks=[LabelSmoothing(0.2, convention)]).fit(model, loader())
+    assert len(model.records) == 4
     for r in model.records:
         ref = soft_cross_entropy(r["logits"], smooth_targets(r["y0"], 4, 0.2, convention))
         assert abs(r["loss"].item() - ref.item()) <= 1e-6
@@ -97,6 +98,7 @@ def test_label_smoothing_alone_with_ignore_index() -> None:
     data.tensors[1][::5] = -100
     model = Padded()
     quiet_trainer(max_steps=4, callbacks=[LabelSmoothing(0.1)]).fit(model, DataLoader(data, batch_size=16))
+    assert len(model.records) == 4
     for r in model.records:
         soft = smooth_targets(r["y0"], 4, 0.1, ignore_index=-100)
         ref = F.cross_entropy(r["logits"], r["y0"], label_smoothing=0.1, ignore_index=-100)
@@ -132,6 +134,7 @@ def test_cutmix_elementwise_and_odd_batch() -> None:
     model = Probe()
     cb = Mixup(alpha=0.5, cutmix_alpha=1.0, mode="elem", prob=0.8)
     quiet_trainer(max_steps=6, callbacks=[cb]).fit(model, DataLoader(make_data(35), batch_size=7))
+    assert len(model.records) == 6
     for r in model.records:
         lam, idx = r["pending"]
         x0, x = r["x0"], r["x"]
@@ -154,6 +157,7 @@ def test_cutmix_elementwise_and_odd_batch() -> None:
 def test_stop_epoch_ends_mixing() -> None:
     model = Probe()
     quiet_trainer(max_epochs=3, callbacks=[Mixup(alpha=1.0, stop_epoch=2)]).fit(model, loader(32, 8))
+    assert [r["epoch"] for r in model.records] == [0] * 4 + [1] * 4 + [2] * 4
     for r in model.records:
         assert (r["pending"] is None) == (r["epoch"] >= 2)
         if r["epoch"] >= 2:
@@ -406,6 +410,7 @@ def test_batch_mode_draws() -> None:
 def test_mixup_alone_mixes_one_hot_rows_and_checks_the_range() -> None:
     model = Probe()
     quiet_trainer(max_steps=4, callbacks=[Mixup(alpha=0.4)]).fit(model, loader(32, 8))
+    assert len(model.records) == 4
     for r in model.records:
         lam, idx = r["pending"]
         want = mix_pair(F.one_hot(r["y0"], 4).float(), lam, idx)

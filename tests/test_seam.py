@@ -333,6 +333,7 @@ def test_segmentation_under_per_sample_mixup_and_cutmix() -> None:
     mix = Mixup(alpha=0.4, cutmix_alpha=1.0, mode="elem", prob=0.8)
     quiet_trainer(max_steps=2, callbacks=[LabelSmoothing(0.1), mix]).fit(model, DataLoader(TensorDataset(x, y), 8))
     kinds = set()
+    assert len(model.records) == 2
     for r in model.records:
         lam, index = r["draw"]
         x0, xm, partner = r["x0"], r["x"], r["x0"][index]

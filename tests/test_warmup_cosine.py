@@ -62,6 +62,7 @@ def test_each_group_keeps_its_own_base_lr() -> None:
     rec = LrRecorder()
     trainer = quiet_trainer(max_steps=12, callbacks=[WarmupCosine(warmup=0.25), rec])
     trainer.fit(TinyNet(group_lrs=(0.01, 0.1)), loader(64, 8))
+    assert len(rec.steps) == len(rec.lrs) == 12
     for step, (a, b) in zip(rec.steps, rec.lrs):
         assert a == pytest.approx(expected(step, 12, 3, 0.01), abs=1e-12)
         assert b == pytest.approx(expected(step, 12, 3, 0.1), abs=1e-12)
