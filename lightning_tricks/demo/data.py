@@ -11,8 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 def mnist1d(seed: int = 42) -> tuple[TensorDataset, TensorDataset]:
     """MNIST-1D (Greydanus, 2020) made locally by ``mnist1d.data.make_dataset(get_dataset_args())``.
 
-    4000 training and 1000 test sequences of length 40, 10 classes. The ``mnist1d`` package's download
-    path is never used: there is no internet on these machines.
+    4000 training and 1000 test sequences of length 40, 10 classes, generated on the spot: nothing is downloaded.
     """
     from mnist1d.data import get_dataset_args, make_dataset
 
