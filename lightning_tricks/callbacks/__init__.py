@@ -1,7 +1,8 @@
 """Lightning callbacks, one file per trick, each a thin adaptor over :mod:`lightning_tricks.functional`."""
 
 from lightning_tricks.callbacks.distillation import Distillation
-from lightning_tricks.callbacks.doctor import Finding, TrainingDoctor
+from lightning_tricks.callbacks.doctor import TrainingDoctor
+from lightning_tricks.callbacks.doctor_report import Finding
 from lightning_tricks.callbacks.early_stopping import EarlyStopping
 from lightning_tricks.callbacks.ema import EMA
 from lightning_tricks.callbacks.finetune import Finetune

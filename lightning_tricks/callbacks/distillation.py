@@ -44,7 +44,7 @@ class Distillation(TrickCallback):
 
         trainer = L.Trainer(callbacks=[Distillation(teacher, temperature=3.0, alpha=0.7)])
         # or, e.g. in a LightningCLI YAML:
-        # - class_path: lightning_tricks.callbacks.Distillation
+        # - class_path: lightning_tricks.Distillation
         #   init_args: {teacher: teacher.ckpt, teacher_class: my_project.models.BigNet}
     """
 

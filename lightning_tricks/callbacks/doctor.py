@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,40 +13,15 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_tricks._io import log_to_loggers, report_dir
+from lightning_tricks.callbacks.doctor_report import Finding, fmt, ordered, render, write
 from lightning_tricks.callbacks.gradient_monitor import GradientMonitor
 from lightning_tricks.callbacks.warmup_cosine import WarmupCosine
-from lightning_tricks.diagnosis import OVERSHOOT, RULES, SEVERITIES, Context, EpochRecord, Settings, diagnose
+from lightning_tricks.diagnosis import OVERSHOOT, SEVERITIES, Context, EpochRecord, Settings, diagnose
 from lightning_tricks.functional._checks import check_number
 from lightning_tricks.peers import find_callback
 from lightning_tricks.tuning.overfit import OverfitResult
 
 _CHUNK = 512  # batches per stacked chunk of the per-batch records (bounds the number of live scalar tensors)
-_ORDER = {code: i for i, code in enumerate(
-    ["overfit_check_failed", "nonfinite_data", "nonfinite_loss", *(name for name, _ in RULES[1:]), "unknown",
-     "ended_in_warmup", "overfit_check_passed", "too_short", "healthy"])}
-
-
-@dataclass
-class Finding:
-    """One diagnosis: what, how bad, the numbers behind it and what to do next."""
-
-    code: str
-    severity: str
-    title: str
-    evidence: dict[str, Any]
-    advice: list[str]
-    epoch: int
-    step: int
-
-    def markdown(self) -> str:
-        ev = ", ".join(f"{k} = {_fmt(v)}" for k, v in self.evidence.items())
-        tips = "".join(f"\n    - {a}" for a in self.advice)
-        return f"- **{self.severity.upper()}** [{self.code}] {self.title} (epoch {self.epoch}, step {self.step})\n" \
-               f"  - evidence: {ev}\n  - next:{tips}"
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 class TrainingDoctor(pl.Callback):
@@ -249,7 +222,7 @@ class TrainingDoctor(pl.Callback):
         f = Finding(code, severity, title, evidence, advice, trainer.current_epoch, trainer.global_step)
         self.findings.append(f)
         if severity != "info":
-            rank_zero_warn(f"TrainingDoctor: {title} ({', '.join(f'{k}={_fmt(v)}' for k, v in evidence.items())}). "
+            rank_zero_warn(f"TrainingDoctor: {title} ({', '.join(f'{k}={fmt(v)}' for k, v in evidence.items())}). "
                            f"Next: {advice[0]}")
 
     # ------------------------------------------------------------------ report
@@ -278,30 +251,17 @@ class TrainingDoctor(pl.Callback):
         log_to_loggers(trainer, {"doctor/warnings": counts["warning"], "doctor/errors": counts["error"]})
         folder = report_dir(trainer, self.out_dir)
         if folder is not None and trainer.is_global_zero:
-            self._write(folder)
+            self.report_paths = write(folder, self.findings, self.history)
         rank_zero_info(self.report() + (f"\n(written to {self.report_paths[0]})" if self.report_paths else ""))
 
     def ordered_findings(self) -> list[Finding]:
         """The findings in the report's order: errors, then warnings, then information, each by the rules' priority
         (the first is the verdict)."""
-        order = {s: i for i, s in enumerate(reversed(SEVERITIES))}
-        return sorted(self.findings, key=lambda f: (order[f.severity], _ORDER.get(f.code, len(_ORDER))))
+        return ordered(self.findings)
 
     def report(self) -> str:
         """The findings as Markdown."""
-        lines = ["## TrainingDoctor report", ""]
-        lines += [f.markdown() for f in self.ordered_findings()] or ["(nothing)"]
-        return "\n".join(lines)
-
-    def _write(self, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        md, js = os.path.join(folder, "doctor_report.md"), os.path.join(folder, "doctor_report.json")
-        with open(md, "w") as f:
-            f.write(self.report() + "\n")
-        with open(js, "w") as f:
-            json.dump({"findings": [asdict(x) for x in self.findings], "history": [asdict(e) for e in self.history]},
-                      f, indent=1, default=str)
-        self.report_paths = [md, js]
+        return render(self.findings)
 
     # ------------------------------------------------------------------ checkpoint
     @property
