@@ -27,7 +27,9 @@ sys.path.insert(0, str(ROOT))
 import optuna  # noqa: E402
 
 from benchmarks._results import write_block  # noqa: E402
-from lightning_tricks.tuning.search import GUIDE_SPACE, _cli, make_storage, write_outputs  # noqa: E402
+from lightning_tricks.tuning.search import _cli, make_storage  # noqa: E402
+from lightning_tricks.tuning.search_outputs import write_outputs  # noqa: E402
+from lightning_tricks.tuning.space import GUIDE_SPACE  # noqa: E402
 
 CONFIG = ROOT / "examples" / "mnist1d" / "recipe.yaml"
 MODEL, DATA = "lightning_tricks.demo.model.ConvBaseClassifier", "lightning_tricks.demo.data.MNIST1DDataModule"

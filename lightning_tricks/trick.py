@@ -55,7 +55,7 @@ class TrickCallback(pl.Callback):
       :meth:`TricksMixin.tricks_inputs`.
     """
 
-    #: Position among the trick callbacks (low first): label smoothing 10, mixing 20, distillation 30.
+    #: Position among the trick callbacks (low first): label smoothing 10, mixing 20, distillation 30, L1 40.
     order: int = 0
 
     def transform_batch(self, pl_module: TricksModule, x: Tensor | None,

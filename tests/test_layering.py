@@ -17,7 +17,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                             "groups", "init", "drop_path", "diagnosis", "ensemble")),
     ("the trick-callback contract", ("trick",)),
     ("the mixin", ("mixin",)),
-    ("tuning procedures", ("tuning", "tuning.overfit", "tuning.lr_curve", "tuning.lr_sweep")),
+    ("tuning procedures", ("tuning", "tuning.overfit", "tuning.lr_curve", "tuning.lr_sweep", "tuning.space",
+                           "tuning.search_outputs")),
     ("callbacks", ("callbacks",)),
     ("assemblies: recipes, search, demo, command line", ("recipes", "tuning.search", "demo", "cli", "__main__", "")),
 ]

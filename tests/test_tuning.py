@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader
 
 from lightning_tricks import LabelSmoothing, LRFinder, Mixup, TrainingDoctor, TrickCallback, WarmupCosine
 from lightning_tricks.tuning import lr_find, overfit_check, suggest
-from lightning_tricks.tuning.search import load_space, make_storage, tune
+from lightning_tricks.tuning.search import make_storage, tune
+from lightning_tricks.tuning.space import load_space
 from tests.conftest import TinyNet, loader, make_data, quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,11 +14,7 @@ Each trial builds the model, data and Trainer from the base config(s) plus the t
 
 from __future__ import annotations
 
-import copy
-import csv
-import json
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -28,73 +24,12 @@ from typing_extensions import override
 
 from lightning_tricks._io import load_class
 from lightning_tricks.functional._checks import check_choice, check_number
+from lightning_tricks.tuning.search_outputs import write_outputs
+from lightning_tricks.tuning.space import DISTRIBUTIONS, load_space, sample
 
-__all__ = ["DISTRIBUTIONS", "GUIDE_SPACE", "OptunaPruning", "load_space", "make_storage", "tune"]
+__all__ = ["OptunaPruning", "make_storage", "tune"]
 
-DISTRIBUTIONS = ("log_uniform", "uniform", "int", "choice")
 SAMPLERS = ("tpe", "random", "grid")
-#: The guide's ranges (section 10), on the keys of the example's ConvBaseClassifier and MNIST1DDataModule; add
-#: ``model.dropout: {uniform: [0.1, 0.5]}`` for a model with dropout.
-GUIDE_SPACE: dict[str, dict[str, Any]] = {
-    "model.lr": {"log_uniform": [1e-5, 1e-2]},
-    "model.weight_decay": {"log_uniform": [1e-6, 1e-3]},
-    "data.batch_size": {"int": [16, 128], "log": True},
-}
-
-
-def load_space(space: str | Path | dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """A search space from a dict, a YAML file, or ``"guide"``, checked: each key maps to one distribution of
-    :data:`DISTRIBUTIONS` with valid bounds."""
-    if isinstance(space, str) and space == "guide":
-        space = copy.deepcopy(GUIDE_SPACE)
-    elif isinstance(space, (str, Path)):
-        import yaml
-
-        path = Path(space)
-        if not path.exists():
-            raise FileNotFoundError(f"search space file {str(path)!r} does not exist (or use `space='guide'`).")
-        space = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(space, dict) or not space:
-        raise ValueError(f"the search space is empty or not a mapping of CLI keys to distributions: {space!r}.")
-    for key, spec in space.items():
-        if not isinstance(spec, dict):
-            raise ValueError(f"search space key {key!r}: expected a mapping such as {{log_uniform: [1e-5, 1e-2]}}, "
-                             f"got {spec!r}.")
-        kinds = [k for k in spec if k in DISTRIBUTIONS]
-        extra = [k for k in spec if k not in (*DISTRIBUTIONS, "log", "step")]
-        if len(kinds) != 1 or extra:
-            raise ValueError(f"search space key {key!r}: give exactly one of {', '.join(DISTRIBUTIONS)} (plus 'log' or "
-                             f"'step' for int), got {sorted(spec)}.")
-        kind, value = kinds[0], spec[kinds[0]]
-        if kind == "choice":
-            if not isinstance(value, list) or not value:
-                raise ValueError(f"search space key {key!r}: `choice` needs a non-empty list, got {value!r}.")
-            continue
-        if not (isinstance(value, list) and len(value) == 2):
-            raise ValueError(f"search space key {key!r}: `{kind}` needs [low, high], got {value!r}.")
-        low, high = value
-        check_number(f"{key}.{kind}[0]", low, integer=kind == "int")
-        check_number(f"{key}.{kind}[1]", high, integer=kind == "int")
-        if low >= high:
-            raise ValueError(f"search space key {key!r}: `{kind}` needs low < high, got [{low!r}, {high!r}].")
-        if (kind == "log_uniform" or spec.get("log")) and low <= 0:
-            raise ValueError(f"search space key {key!r}: a log scale needs low > 0, got {low!r}.")
-    return space
-
-
-def _sample(trial: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    values = {}
-    for key, spec in space.items():
-        if "log_uniform" in spec:
-            values[key] = trial.suggest_float(key, *spec["log_uniform"], log=True)
-        elif "uniform" in spec:
-            values[key] = trial.suggest_float(key, *spec["uniform"])
-        elif "int" in spec:
-            values[key] = trial.suggest_int(key, *spec["int"], log=bool(spec.get("log", False)),
-                                            step=int(spec.get("step", 1)))
-        else:
-            values[key] = trial.suggest_categorical(key, spec["choice"])
-    return values
 
 
 def make_storage(storage: str | None) -> Any:
@@ -144,14 +79,6 @@ class OptunaPruning(pl.Callback):
         if prune:
             self.pruned_at = trainer.current_epoch
             trainer.should_stop = True
-
-
-def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
-    node = config
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
 
 
 def tune(
@@ -216,7 +143,7 @@ def tune(
     runs = Path(out) / "trials" if out is not None else Path(tempfile.mkdtemp(prefix="lightning-tricks-tune-"))
 
     def objective(trial: Any) -> float:
-        values = _sample(trial, space)
+        values = sample(trial, space)
         cli = _cli(model_cls, data_cls, base_args + [f"--{k}={v}" for k, v in values.items()],
                    runs / f"trial_{trial.number}")
         pruning = OptunaPruning(trial, monitor)
@@ -259,54 +186,3 @@ def _check_keys(model_cls: Any, data_cls: Any, base_args: list[str], space: dict
         raise ValueError(f"the search space keys {sorted(space)} do not all parse as arguments of "
                          f"{model_cls.__name__}/{getattr(data_cls, '__name__', None)} with the base config: {error}"
                          ) from None
-
-
-def write_outputs(study: Any, out: Path, config: Sequence[str | Path], space: dict[str, dict[str, Any]]) -> list[Path]:
-    """``trials.csv``, ``best.json``, ``best.yaml`` (the base config with the best values) and the plots."""
-    import optuna
-    import yaml
-
-    out.mkdir(parents=True, exist_ok=True)
-    keys = list(space)
-    with open(out / "trials.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["number", "state", "value", *keys])
-        for t in study.trials:
-            writer.writerow([t.number, t.state.name, t.value, *(t.params.get(k) for k in keys)])
-    written = [out / "trials.csv"]
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if complete:
-        best = study.best_trial
-        (out / "best.json").write_text(json.dumps({"number": best.number, "value": best.value,
-                                                   "params": best.params}, indent=1))
-        merged: dict[str, Any] = {}
-        for c in config:
-            _merge(merged, yaml.safe_load(Path(c).read_text()) or {})
-        for key, value in best.params.items():
-            _set_dotted(merged, key, value)
-        (out / "best.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
-        written += [out / "best.json", out / "best.yaml"]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*experimental.*")  # Optuna's matplotlib plots say they are experimental
-        if complete:
-            ax = plot_optimization_history(study)
-            ax.figure.savefig(out / "history.png", dpi=100, bbox_inches="tight")  # type: ignore[union-attr]
-            written.append(out / "history.png")
-        if len(complete) >= 2 and len(keys) >= 2:
-            ax = plot_param_importances(study)
-            ax.figure.savefig(out / "importance.png", dpi=100, bbox_inches="tight")  # type: ignore[union-attr]
-            written.append(out / "importance.png")
-    return written
-
-
-def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
-    for key, value in other.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
