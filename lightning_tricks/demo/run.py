@@ -8,17 +8,14 @@ writes plots and the run's figures (CSV and JSON) into --out.
 
 from __future__ import annotations
 
+__all__ = ["CONFIGS", "add_arguments", "check_arguments", "main", "recipe_callbacks", "train_one"]
+
 import argparse
-import csv
-import json
 import logging
-import statistics
-import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,11 +23,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tricks.callbacks import Distillation, EarlyStopping, TrainingDoctor
+from lightning_tricks.demo.arguments import add_arguments, check_arguments
 from lightning_tricks.demo.data import mnist1d_splits
 from lightning_tricks.demo.model import Classifier, ConvBase
+from lightning_tricks.demo.report import CONFIGS, format_table, write_outputs
 from lightning_tricks.recipes import recipe
 
-CONFIGS = ("baseline", "recipe", "distilled")
 Data = tuple[TensorDataset, TensorDataset, TensorDataset]
 
 
@@ -142,172 +140,6 @@ def train_one(config: str, seed: int, args: argparse.Namespace, data: Data, teac
     if keep_model:
         result["model"] = model
     return result
-
-
-def _mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):5.1f} ± {100 * sd:3.1f}"
-
-
-def format_table(results: list[dict[str, Any]]) -> str:
-    """Per seed and mean rows: test accuracy (%), final and best validation accuracy, final train loss, wall time."""
-    head = (f"{'config':<10} {'seed':>5} {'test acc %':>11} {'val acc %':>10} {'best val %':>11} {'train loss':>10} "
-            f"{'wall s':>7}  doctor")
-    lines = [head, "-" * len(head)]
-    for r in results:
-        lines.append(f"{r['config']:<10} {r['seed']:>5} {100 * r['test_acc']:>11.1f} {100 * r['final_val_acc']:>10.1f} "
-                     f"{100 * r['best_val_acc']:>11.1f} {r['final_train_loss']:>10.3f} {r['wall_s']:>7.1f}"
-                     f"  {r.get('doctor', '-')}")
-    lines.append("-" * len(head))
-    for config in CONFIGS:
-        rows = [r for r in results if r["config"] == config]
-        if rows:
-            lines.append(
-                f"{config:<10} {'mean':>5} {_mean_sd([r['test_acc'] for r in rows]):>11} "
-                f"{_mean_sd([r['final_val_acc'] for r in rows]):>10} {_mean_sd([r['best_val_acc'] for r in rows]):>11} "
-                f"{statistics.fmean(r['final_train_loss'] for r in rows):>10.3f} "
-                f"{statistics.fmean(r['wall_s'] for r in rows):>7.1f}"
-            )
-    return "\n".join(lines)
-
-
-def write_outputs(results: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Write ``results.csv``, ``results.json``, ``accuracy.png``, ``lr.png``, ``loss.png`` and ``grad_norms.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    summary_keys = ("config", "seed", "test_acc", "final_val_acc", "best_val_acc", "final_train_loss", "epochs_run",
-                    "wall_s", "doctor", "stopped_early")
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=summary_keys)
-        writer.writeheader()
-        for r in results:
-            writer.writerow({k: r[k] for k in summary_keys})
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-
-    seeds = sorted({r["seed"] for r in results})
-    colour = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(seeds)}
-    style = {"baseline": ":", "recipe": "-", "distilled": "--"}
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
-        ep = [e["epoch"] for e in r["epochs"] if "val_acc" in e]
-        ax.plot(ep, [100 * e["val_acc"] for e in r["epochs"] if "val_acc" in e], style[r["config"]],
-                color=colour[r["seed"]], label=f"{r['config']} seed {r['seed']} (test {100 * r['test_acc']:.1f} %)")
-    ax.set(xlabel="epoch", ylabel="validation accuracy (%)", ylim=(50, 100),
-           title="MNIST-1D ConvBase: validation accuracy per epoch (held-out split)")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for config in CONFIGS:
-        run = next((r for r in results if r["config"] == config), None)
-        if run:
-            ax.plot(run["lr"], label=f"{config} (seed {run['seed']})")
-    ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate per optimizer step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "lr.png", dpi=120)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharex=True)
-    for r in results:
-        ep = [e["epoch"] for e in r["epochs"]]
-        kw = dict(color=colour[r["seed"]], linestyle=style[r["config"]], label=f"{r['config']} s{r['seed']}")
-        axes[0].plot(ep, [e.get("train_loss_epoch") for e in r["epochs"]], **kw)
-        axes[1].plot(ep, [e.get("val_loss") for e in r["epochs"]], **kw)
-    axes[0].set(xlabel="epoch", ylabel="loss", title="train loss (recipe: vs soft targets)")
-    axes[1].set(xlabel="epoch", ylabel="loss", title="validation loss (plain cross-entropy)")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=120)
-    plt.close(fig)
-
-    recipe_runs = [r for r in results if r["config"] == "recipe"]
-    if recipe_runs:
-        r = recipe_runs[0]
-        keys = sorted({k for e in r["epochs"] for k in e if k.startswith("grad/norm/")})
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for k in keys:
-            ax.plot([e["epoch"] for e in r["epochs"] if k in e], [e[k] for e in r["epochs"] if k in e], marker=".",
-                    label=k.removeprefix("grad/norm/"))
-        ax.set(xlabel="epoch", ylabel="gradient 2-norm", yscale="log",
-               title=f"Per-layer gradient norms (recipe, seed {r['seed']}, GradientMonitor)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "grad_norms.png", dpi=120)
-        plt.close(fig)
-    return [out / n for n in ("results.csv", "results.json", "accuracy.png", "lr.png", "loss.png", "grad_norms.png")
-            if (out / n).exists()]
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=_positive_int, default=None, help="epochs per run (default 100)")
-    parser.add_argument("--seeds", type=_non_negative_int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
-    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default ./demo_out)")
-    parser.add_argument("--fast", action="store_true",
-                        help="a seconds-long smoke run: 2 epochs of 5 batches, the first seed only")
-    parser.add_argument("--lr", type=_positive_float, default=1e-2, help="AdamW peak lr (default 1e-2)")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
-    parser.add_argument("--batch-size", type=_positive_int, default=100, help="batch size (default 100, as the paper)")
-    parser.add_argument("--distill", action="store_true",
-                        help="also train a wide teacher (ConvBase, 128 channels) and distil it into the student")
-    parser.add_argument("--temperature", type=_positive_float, default=3.0, help="distillation temperature (default 3)")
-    parser.add_argument("--alpha", type=_fraction, default=0.7, help="weight of the distillation term (default 0.7)")
-    parser.add_argument("--ema", type=float, default=None, metavar="DECAY",
-                        help="add EMA with this decay to the recipe (evaluated and kept; e.g. 0.999)")
-    parser.add_argument("--jobs", type=_positive_int, default=2,
-                        help="runs trained at once, one process each (default 2: one per core of a 2-core machine)")
-    parser.add_argument("--threads", type=_positive_int, default=1,
-                        help="torch threads per run (default 1: a 5k-parameter model gains nothing from more)")
-
-
-def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Resolve ``--fast`` and ``--epochs`` (they conflict) and the defaults that depend on them."""
-    if args.fast and args.epochs is not None:
-        parser.error("--fast runs 2 epochs of 5 batches: drop --epochs, or drop --fast")
-    if args.weight_decay < 0:
-        parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
-    if args.ema is not None and not 0.0 <= args.ema < 1.0:
-        parser.error(f"--ema must be a decay in [0, 1), got {args.ema}")
-    if args.fast:
-        args.epochs, args.seeds, args.jobs = 2, args.seeds[:1], 1
-    elif args.epochs is None:
-        args.epochs = 100
-    args.progress = sys.stdout.isatty()  # a log file gets one line per run, not progress bars
 
 
 def _run_all(jobs: list[tuple[str, int]], args: argparse.Namespace, data: Data,
