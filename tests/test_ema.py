@@ -244,3 +244,40 @@ def test_ddp_ranks_end_with_the_same_batchnorm_statistics(stop: bool) -> None:
     trainer = quiet_trainer(devices=2, strategy="ddp_fork", max_epochs=2, callbacks=[*callbacks, check])
     trainer.fit(BNNet(), loader(64, 8, shuffle=True), loader(32, 8))
     assert trainer.state.finished
+
+
+class OddSteps(EMA):
+    """Averages after the optimizer steps of odd index only: the public extension point."""
+
+    def should_update(self, step: int | None = None, epoch: int | None = None) -> bool:
+        return step is not None and step % 2 == 1
+
+
+def test_should_update_chooses_the_averaged_steps() -> None:
+    from timm.utils import ModelEmaV3
+
+    weights, ema = Weights(), OddSteps(decay=0.9, keep_ema_at_end=False)
+    quiet_trainer(max_steps=10, callbacks=[weights, ema]).fit(TinyNet(), loader(128, 4))
+    assert len(weights.after_step) == 10 and ema.updates == 5
+    reference = ModelEmaV3(TinyNet(), decay=0.9, use_warmup=True)
+    for n, state in enumerate(weights.after_step[1::2], start=1):  # steps of index 1, 3, 5, 7, 9
+        snapshot = TinyNet()
+        snapshot.load_state_dict(state)
+        reference.update(snapshot, step=n)
+    ours = ema.averaged_state_dict()
+    for key, value in reference.module.state_dict().items():
+        torch.testing.assert_close(ours[key], value, atol=1e-6, rtol=0)
+
+
+def test_an_average_in_host_memory_equals_the_one_beside_the_weights() -> None:
+    # On this CPU-only machine both live in host memory; tests/test_gpu.py runs the cross-device case.
+    results = []
+    for device in (None, "cpu"):
+        torch.manual_seed(0)
+        ema = EMA(decay=0.9, device=device, keep_ema_at_end=False)
+        quiet_trainer(max_steps=8, callbacks=[ema]).fit(TinyNet(), loader(128, 4))
+        results.append(ema.averaged_state_dict())
+    assert results[0].keys() == results[1].keys()
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], atol=0, rtol=0)
+    assert EMA(device="cpu").device == torch.device("cpu")

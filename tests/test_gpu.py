@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_tricks import EarlyStopping, GradientMonitor, LabelSmoothing, Mixup, TrainingDoctor, WarmupCosine
+from lightning_tricks import EMA, EarlyStopping, GradientMonitor, LabelSmoothing, Mixup, TrainingDoctor, WarmupCosine
 from tests.conftest import MetricsRecorder, TinyNet, loader
 from tests.test_gradient_monitor import NaNAt, Reference
 
@@ -173,3 +173,16 @@ def test_label_smoothing_on_a_language_model_head_allocates_what_torch_does() ->
         peaks[name] = torch.cuda.max_memory_allocated() - base
         del logits
     assert peaks["ours"] <= peaks["torch"] * 1.01, peaks
+
+
+def test_ema_in_host_memory_follows_the_one_on_the_gpu() -> None:
+    results = []
+    for device in (None, "cpu"):
+        torch.manual_seed(0)
+        ema = EMA(decay=0.9, device=device)
+        gpu_trainer(max_steps=8, precision="bf16-mixed", callbacks=[ema]).fit(TinyNet(), loader(128, 4))
+        average = ema.averaged_state_dict()
+        assert all(v.device.type == ("cpu" if device else "cuda") for v in average.values() if v.is_floating_point())
+        results.append({k: v.cpu() for k, v in average.items()})
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], atol=1e-6, rtol=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from typing_extensions import override
 
 from lightning_tricks.callbacks.weight_average import WeightAverage
@@ -39,6 +40,7 @@ class EMA(WeightAverage):
             metrics, ``ModelCheckpoint`` and :class:`EarlyStopping` see the average's; training continues on the
             raw weights.
         keep_ema_at_end: at the end of fit the module holds the average (as Lightning does).
+        device: where the average lives (default: with the weights; ``"cpu"``: in host memory).
 
     The average is in the callback's checkpoint state (the module's own ``state_dict`` keys stay those of a plain
     module), so a resumed run continues the same average. Under DDP every rank averages the same weights; under FSDP2
@@ -61,6 +63,7 @@ class EMA(WeightAverage):
         update_every: int = 1,
         evaluate_with_ema: bool = True,
         keep_ema_at_end: bool = True,
+        device: torch.device | str | None = None,
     ) -> None:
         if decay is not None and half_life is not None:
             raise ValueError(f"give `decay` ({decay!r}) or `half_life` ({half_life!r}), not both.")
@@ -71,7 +74,7 @@ class EMA(WeightAverage):
         check_number("decay", decay, low=0.0, high=1.0, high_open=True)
         check_number("start_step", start_step, low=0, integer=True)
         check_number("update_every", update_every, low=1, integer=True)
-        super().__init__(evaluate_with_average=evaluate_with_ema, keep_average_at_end=keep_ema_at_end)
+        super().__init__(evaluate_with_average=evaluate_with_ema, keep_average_at_end=keep_ema_at_end, device=device)
         self.decay = float(decay)
         self.half_life = half_life
         self.warmup = warmup
@@ -97,10 +100,13 @@ class EMA(WeightAverage):
         if step == self._last_step:
             return  # a batch that accumulated gradients: no optimizer step
         self._last_step = step
-        done = step - 1  # the index of the optimizer step just taken
-        if done < self.start_step or (done - self.start_step) % self.update_every:
-            return
-        self.update(pl_module)
+        if self.should_update(step=step - 1):  # the index of the optimizer step just taken
+            self.update(pl_module)
+
+    @override
+    def should_update(self, step: int | None = None, epoch: int | None = None) -> bool:
+        """After every ``update_every``-th optimizer step from ``start_step`` on."""
+        return step is not None and step >= self.start_step and (step - self.start_step) % self.update_every == 0
 
     def update(self, pl_module: pl.LightningModule) -> None:
         """One EMA update from the module's current weights."""

@@ -39,6 +39,7 @@ class SWA(WeightAverage):
             through the module's own batch unpacking; averaged across ranks).
         evaluate_with_swa: validation and test run on the average once it exists.
         keep_swa_at_end: leave the average in the module at the end of fit.
+        device: where the average lives (default: with the weights; ``"cpu"``: in host memory).
 
     Under DDP every rank averages the same weights; under FSDP2 each rank its own shards, written into the
     distributed checkpoint beside the module's and read back on resume.
@@ -57,6 +58,7 @@ class SWA(WeightAverage):
         bn_update: bool = True,
         evaluate_with_swa: bool = True,
         keep_swa_at_end: bool = True,
+        device: torch.device | str | None = None,
     ) -> None:
         if isinstance(start, float):
             check_number("start", start, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -65,7 +67,7 @@ class SWA(WeightAverage):
         if swa_lr is not None:
             check_number("swa_lr", swa_lr, low=0.0, low_open=True)
         check_number("anneal_epochs", anneal_epochs, low=0, integer=True)
-        super().__init__(evaluate_with_average=evaluate_with_swa, keep_average_at_end=keep_swa_at_end)
+        super().__init__(evaluate_with_average=evaluate_with_swa, keep_average_at_end=keep_swa_at_end, device=device)
         self.start = start
         self.swa_lr = swa_lr
         self.anneal_epochs = anneal_epochs
@@ -117,10 +119,15 @@ class SWA(WeightAverage):
     # ------------------------------------------------------------------ the average
     def _epoch_end_update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if self.start_epoch is None or epoch < self.start_epoch or self._averaged_epoch == epoch:
+        if self._averaged_epoch == epoch or not self.should_update(epoch=epoch):
             return
         self._averaged_epoch = epoch
         self._average_in(pl_module, swa_update_)
+
+    @override
+    def should_update(self, step: int | None = None, epoch: int | None = None) -> bool:
+        """At the end of every epoch from the start epoch on."""
+        return epoch is not None and self.start_epoch is not None and epoch >= self.start_epoch
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

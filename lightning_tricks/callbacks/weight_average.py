@@ -22,8 +22,11 @@ from lightning_tricks.weights import restore_weights, take_weights
 class WeightAverage(EvaluatesOtherWeights, pl.Callback):
     """Base class of :class:`EMA` and :class:`SWA`: float32 averages of every floating tensor of
     ``module.state_dict()`` (parameters and floating buffers such as BatchNorm statistics; integer buffers are copied),
-    on the module's device, without a copy of the module (no ``deepcopy``: it works on sharded modules, each rank
-    averaging its own shards).
+    on the module's device or on ``device``, without a copy of the module (no ``deepcopy``: it works on sharded
+    modules, each rank averaging its own shards).
+
+    Subclasses say when to update with :meth:`should_update` (the extension point: override it to average other
+    steps or epochs) and update with :meth:`_average_in`.
 
     Args:
         evaluate_with_average: validation and test run on the averaged weights (swapped in at the start of each
@@ -31,11 +34,16 @@ class WeightAverage(EvaluatesOtherWeights, pl.Callback):
             average; the optimizer keeps training the raw weights.
         keep_average_at_end: at the end of fit, leave the averaged weights in the module (as Lightning's
             ``WeightAveraging`` does). Skipped when :class:`EarlyStopping` restored its best weights.
+        device: where the average lives; ``None`` (default) on the module's device, ``"cpu"`` in host memory (as
+            ``timm.utils.ModelEmaV3(device="cpu")``): no accelerator memory, but each update copies the weights to
+            the host.
     """
 
-    def __init__(self, evaluate_with_average: bool = True, keep_average_at_end: bool = True) -> None:
+    def __init__(self, evaluate_with_average: bool = True, keep_average_at_end: bool = True,
+                 device: torch.device | str | None = None) -> None:
         self.evaluate_with_average = evaluate_with_average
         self.keep_average_at_end = keep_average_at_end
+        self.device = torch.device(device) if device is not None else None
         #: Updates made so far (0: no average yet).
         self.updates = 0
         self._names: list[str] | None = None
@@ -55,12 +63,12 @@ class WeightAverage(EvaluatesOtherWeights, pl.Callback):
         self._targets = [local(v.detach()) for v in state.values()]
         self._sharded = is_sharded(list(state.values()))
         if self._loaded is not None:  # a checkpoint's averages, waiting for the module's tensors
-            self._averages = [self._loaded[k].to(t.device, torch.float32) if t.is_floating_point() else None
-                              for k, t in zip(self._names, self._targets)]
+            self._averages = [self._loaded[k].to(self.device or t.device, torch.float32) if t.is_floating_point()
+                              else None for k, t in zip(self._names, self._targets)]
             self._loaded = None
         elif len(self._averages) != len(self._targets):
-            self._averages = [torch.empty_like(t, dtype=torch.float32) if t.is_floating_point() else None
-                              for t in self._targets]
+            self._averages = [torch.empty_like(t, dtype=torch.float32, device=self.device or t.device)
+                              if t.is_floating_point() else None for t in self._targets]
         # The (average, module tensor) lists of the floating tensors, made once: each update is one fused call.
         pairs = [(a, t) for a, t in zip(self._averages, self._targets) if a is not None]
         self._float_averages, self._float_targets = [a for a, _ in pairs], [t for _, t in pairs]
@@ -75,9 +83,14 @@ class WeightAverage(EvaluatesOtherWeights, pl.Callback):
         averages, values = self._float_averages, self._float_targets
         if self.updates == 1:
             with torch.no_grad():
-                torch._foreach_copy_(averages, values)
+                torch._foreach_copy_(averages, values)  # (copies across devices too)
         else:
             update(averages, values, self.updates)
+
+    def should_update(self, step: int | None = None, epoch: int | None = None) -> bool:
+        """Whether to update the average after the optimizer step of index ``step`` (0-based: the step just taken)
+        or at the end of epoch ``epoch``; :class:`EMA` asks per step, :class:`SWA` per epoch. Override to choose."""
+        raise NotImplementedError
 
     @property
     def has_average(self) -> bool:

@@ -47,11 +47,12 @@ def ema_decay(update: int, decay: float, warmup: bool = True, power: float = 2 /
 
 def _lerp_(averages: Sequence[Tensor], values: Sequence[Tensor], weight: float) -> None:
     """``avg += weight * (value - avg)`` in place, fused (one ``_foreach_lerp_``); values are cast to the averages'
-    dtype (float32 averages of low-precision weights keep every update)."""
+    dtype and moved to their device (float32 averages of low-precision weights keep every update; averages in host
+    memory take device weights)."""
     if not averages:
         return
-    if any(v.dtype != a.dtype for a, v in zip(averages, values)):
-        values = [v.to(a.dtype) for a, v in zip(averages, values)]
+    if any(v.dtype != a.dtype or v.device != a.device for a, v in zip(averages, values)):
+        values = [v.to(a.device, a.dtype) for a, v in zip(averages, values)]
     with torch.no_grad():
         torch._foreach_lerp_(list(averages), list(values), weight)
 
