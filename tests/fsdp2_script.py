@@ -480,6 +480,17 @@ def case_init_weights(out: Path) -> None:
     trainer(out, max_steps=1, callbacks=[InitCheck()]).fit(InitNet(), data())
 
 
+
+def case_average_as_weights_refused(out: Path) -> None:
+    """A distributed checkpoint cannot hold the average as the module's weights: a clear error before training."""
+    try:
+        trainer(out, max_steps=2, callbacks=[EMA(checkpoint_weights="average")]).fit(ShardedNet(), data())
+    except ValueError as error:
+        assert "save_distributed_checkpoint=False" in str(error), error
+    else:
+        raise AssertionError("EMA(checkpoint_weights='average') trained under a distributed checkpoint")
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 if __name__ == "__main__":

@@ -281,3 +281,42 @@ def test_an_average_in_host_memory_equals_the_one_beside_the_weights() -> None:
     for key in results[0]:
         torch.testing.assert_close(results[0][key], results[1][key], atol=0, rtol=0)
     assert EMA(device="cpu").device == torch.device("cpu")
+
+
+def test_checkpoint_weights_average_saves_the_average_and_resumes_from_the_trained_weights(tmp_path: Any) -> None:
+    pl.seed_everything(2, verbose=False)
+    full, full_model = EMA(decay=0.9, keep_ema_at_end=False), TinyNet()
+    quiet_trainer(max_steps=16, callbacks=[full]).fit(full_model, loader(64, 8))
+    pl.seed_everything(2, verbose=False)
+    weights, first = Weights(), EMA(decay=0.9, checkpoint_weights="average")
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_top_k=-1, filename="{step}")
+    quiet_trainer(max_steps=8, enable_checkpointing=True, callbacks=[weights, first, ckpt]).fit(TinyNet(),
+                                                                                              loader(64, 8))
+    state = torch.load(tmp_path / "step=8.ckpt", weights_only=False)
+    average = first.averaged_state_dict()  # no update after step 8
+    assert set(state["state_dict"]) == set(average) == set(state["trained_state_dict"])
+    for key in average:
+        torch.testing.assert_close(state["state_dict"][key], average[key], atol=0, rtol=0)
+        torch.testing.assert_close(state["trained_state_dict"][key], weights.after_step[-1][key], atol=0, rtol=0)
+    assert not torch.equal(state["state_dict"]["head.weight"], state["trained_state_dict"]["head.weight"])
+    # a resumed fit trains on from the trained weights (not the average) and continues the average
+    resumed, resumed_model = EMA(decay=0.9, keep_ema_at_end=False, checkpoint_weights="average"), TinyNet()
+    quiet_trainer(max_steps=16, callbacks=[resumed]).fit(resumed_model, loader(64, 8),
+                                                          ckpt_path=str(tmp_path / "step=8.ckpt"))
+    assert resumed.updates == full.updates == 16
+    a, b = full.averaged_state_dict(), resumed.averaged_state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    for key, value in full_model.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[key], value, atol=1e-6, rtol=0)
+
+
+def test_checkpoint_weights_is_checked() -> None:
+    with pytest.raises(ValueError, match="checkpoint_weights"):
+        EMA(checkpoint_weights="best")
+    from lightning_tricks import SWA
+
+    trainer = quiet_trainer(max_epochs=2, callbacks=[EMA(checkpoint_weights="average"),
+                                                      SWA(1, checkpoint_weights="average")])
+    with pytest.raises(ValueError, match="one average"):
+        trainer.fit(TinyNet(), loader(64, 8))

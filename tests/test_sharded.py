@@ -16,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ("monitor", "monitor_nan", "early_stopping", "recipe", "schedule_and_mixing", "distillation", "ema", "swa",
-         "lr_find", "finetune_and_scaling", "l1", "init_weights", "docs_mesh", "resume_keeps_callback_state")
+         "lr_find", "finetune_and_scaling", "l1", "init_weights", "docs_mesh", "resume_keeps_callback_state",
+         "average_as_weights_refused")
 
 
 def run_cases(out: Path, cases: tuple[str, ...], devices: int = 2) -> str:

@@ -41,6 +41,8 @@ class EMA(WeightAverage):
             raw weights.
         keep_ema_at_end: at the end of fit the module holds the average (as Lightning does).
         device: where the average lives (default: with the weights; ``"cpu"``: in host memory).
+        checkpoint_weights: ``"average"`` puts the averaged weights in checkpoints' ``state_dict`` (see
+            :class:`WeightAverage`); ``"trained"`` (default) the trained ones.
 
     The average is in the callback's checkpoint state (the module's own ``state_dict`` keys stay those of a plain
     module), so a resumed run continues the same average. Under DDP every rank averages the same weights; under FSDP2
@@ -64,6 +66,7 @@ class EMA(WeightAverage):
         evaluate_with_ema: bool = True,
         keep_ema_at_end: bool = True,
         device: torch.device | str | None = None,
+        checkpoint_weights: str = "trained",
     ) -> None:
         if decay is not None and half_life is not None:
             raise ValueError(f"give `decay` ({decay!r}) or `half_life` ({half_life!r}), not both.")
@@ -74,7 +77,8 @@ class EMA(WeightAverage):
         check_number("decay", decay, low=0.0, high=1.0, high_open=True)
         check_number("start_step", start_step, low=0, integer=True)
         check_number("update_every", update_every, low=1, integer=True)
-        super().__init__(evaluate_with_average=evaluate_with_ema, keep_average_at_end=keep_ema_at_end, device=device)
+        super().__init__(evaluate_with_average=evaluate_with_ema, keep_average_at_end=keep_ema_at_end, device=device,
+                         checkpoint_weights=checkpoint_weights)
         self.decay = float(decay)
         self.half_life = half_life
         self.warmup = warmup

@@ -40,6 +40,8 @@ class SWA(WeightAverage):
         evaluate_with_swa: validation and test run on the average once it exists.
         keep_swa_at_end: leave the average in the module at the end of fit.
         device: where the average lives (default: with the weights; ``"cpu"``: in host memory).
+        checkpoint_weights: ``"average"`` puts the averaged weights in checkpoints' ``state_dict`` (see
+            :class:`WeightAverage`); ``"trained"`` (default) the trained ones.
 
     Under DDP every rank averages the same weights; under FSDP2 each rank its own shards, written into the
     distributed checkpoint beside the module's and read back on resume.
@@ -59,6 +61,7 @@ class SWA(WeightAverage):
         evaluate_with_swa: bool = True,
         keep_swa_at_end: bool = True,
         device: torch.device | str | None = None,
+        checkpoint_weights: str = "trained",
     ) -> None:
         if isinstance(start, float):
             check_number("start", start, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -67,7 +70,8 @@ class SWA(WeightAverage):
         if swa_lr is not None:
             check_number("swa_lr", swa_lr, low=0.0, low_open=True)
         check_number("anneal_epochs", anneal_epochs, low=0, integer=True)
-        super().__init__(evaluate_with_average=evaluate_with_swa, keep_average_at_end=keep_swa_at_end, device=device)
+        super().__init__(evaluate_with_average=evaluate_with_swa, keep_average_at_end=keep_swa_at_end, device=device,
+                         checkpoint_weights=checkpoint_weights)
         self.start = start
         self.swa_lr = swa_lr
         self.anneal_epochs = anneal_epochs

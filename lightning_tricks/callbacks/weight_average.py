@@ -15,8 +15,13 @@ from typing_extensions import override
 from lightning_tricks._compat import writes_sharded_checkpoint
 from lightning_tricks._sharded_state import add_shards, load_shards
 from lightning_tricks._sharding import agree_on_buffers, is_sharded, local
+from lightning_tricks.functional._checks import check_choice
 from lightning_tricks.peers import ChoosesFinalWeights, EvaluatesOtherWeights, find_callbacks
 from lightning_tricks.weights import restore_weights, take_weights
+
+CHECKPOINT_WEIGHTS = ("trained", "average")
+#: Where a checkpoint whose state_dict holds the average keeps the trained weights.
+TRAINED_KEY = "trained_state_dict"
 
 
 class WeightAverage(EvaluatesOtherWeights, pl.Callback):
@@ -37,13 +42,22 @@ class WeightAverage(EvaluatesOtherWeights, pl.Callback):
         device: where the average lives; ``None`` (default) on the module's device, ``"cpu"`` in host memory (as
             ``timm.utils.ModelEmaV3(device="cpu")``): no accelerator memory, but each update copies the weights to
             the host.
+        checkpoint_weights: what a checkpoint's ``state_dict`` holds once an average exists: ``"trained"`` (default:
+            the module's own weights; the average is in the callback's state) or ``"average"`` (the averaged weights,
+            so ``Net.load_from_checkpoint(path)`` gives the averaged model, as Lightning's ``WeightAveraging``; the
+            trained weights go under the checkpoint's ``"trained_state_dict"`` and a resumed fit trains on from
+            them). ``"average"`` needs a checkpoint written whole (not ``ModelParallelStrategy``'s distributed
+            one) and one such averager per Trainer.
     """
 
     def __init__(self, evaluate_with_average: bool = True, keep_average_at_end: bool = True,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, checkpoint_weights: str = "trained") -> None:
+        check_choice("checkpoint_weights", checkpoint_weights, CHECKPOINT_WEIGHTS)
         self.evaluate_with_average = evaluate_with_average
         self.keep_average_at_end = keep_average_at_end
         self.device = torch.device(device) if device is not None else None
+        self.checkpoint_weights = checkpoint_weights
+        self._from_weights: dict[str, Tensor] | None = None  # an average read from a checkpoint's state_dict
         #: Updates made so far (0: no average yet).
         self.updates = 0
         self._names: list[str] | None = None
@@ -158,6 +172,8 @@ class WeightAverage(EvaluatesOtherWeights, pl.Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._sharded_checkpoints = writes_sharded_checkpoint(trainer)
+        if self.checkpoint_weights == "average":
+            self._check_average_as_weights(trainer)
         if stage == "fit":
             self.updates, self._names, self._targets, self._averages, self._backup = 0, None, [], [], None
 
@@ -182,7 +198,9 @@ class WeightAverage(EvaluatesOtherWeights, pl.Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"updates": self.updates}
-        if self.has_average and self._names is None and self._loaded is not None:  # resumed, not used since
+        if self.has_average and self.checkpoint_weights == "average":  # see on_save_checkpoint
+            state["average_in_weights"] = True
+        elif self.has_average and self._names is None and self._loaded is not None:  # resumed, not used since
             state["average"] = self._loaded
         elif self.has_average and not self._sharded and self._names is not None:
             state["average"] = {k: a.detach().cpu() for k, a in zip(self._names, self._averages) if a is not None}
@@ -199,16 +217,40 @@ class WeightAverage(EvaluatesOtherWeights, pl.Callback):
             assert self._names is not None
             shards = {k: a for k, a in zip(self._names, self._averages) if a is not None}
             add_shards(checkpoint, self.state_key, shards, pl_module.state_dict())
+        if self.checkpoint_weights == "average" and self._attach(pl_module):
+            checkpoint[TRAINED_KEY] = checkpoint["state_dict"]
+            checkpoint["state_dict"] = self.averaged_state_dict()  # the module's keys and dtypes; copies
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         self._checkpoint_path = trainer.ckpt_path
+        trained = checkpoint.get(TRAINED_KEY)
+        if trained is not None:  # Lightning loaded the average into the module: train on from the trained weights
+            self._from_weights = {k: v.float() for k, v in checkpoint["state_dict"].items() if v.is_floating_point()}
+            restore_weights(pl_module, trained, owner=type(self).__name__)
+
+    def _check_average_as_weights(self, trainer: pl.Trainer) -> None:
+        name = type(self).__name__
+        if self._sharded_checkpoints:
+            raise ValueError(
+                f"{name}(checkpoint_weights='average') needs a checkpoint written whole, but ModelParallelStrategy "
+                "writes a distributed one: keep checkpoint_weights='trained' (the average is in the checkpoint's "
+                f"callback state) and load it with `{name.lower()}.averaged_state_dict()`, or pass "
+                "ModelParallelStrategy(save_distributed_checkpoint=False)."
+            )
+        others = [cb for cb in find_callbacks(trainer, WeightAverage)
+                  if cb is not self and cb.checkpoint_weights == "average"]
+        if others:
+            raise ValueError(f"{name}(checkpoint_weights='average') and {type(others[0]).__name__}(checkpoint_weights="
+                             "'average'): a checkpoint's state_dict can hold one average; keep one of them.")
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.updates = state_dict.get("updates", 0)
         self._loaded = state_dict.get("average")
+        if state_dict.get("average_in_weights"):
+            self._loaded, self._from_weights = self._from_weights, None
         self._names = None
         self._shards_pending = bool(state_dict.get("average_in_shards"))
         if self.updates and self._loaded is None and not self._shards_pending:
