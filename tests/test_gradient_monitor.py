@@ -13,8 +13,7 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
-from lightning_tricks import GradientMonitor
-from lightning_tricks.callbacks.gradient_monitor import NonFiniteGradientError
+from lightning_tricks import GradientMonitor, NonFiniteGradientError
 from lightning_tricks.functional.gradients import GradientLayout
 from tests.conftest import MetricsRecorder, TinyNet, loader, quiet_trainer
 

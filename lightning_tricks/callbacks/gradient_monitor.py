@@ -1,9 +1,12 @@
-"""Gradient monitoring and a NaN guard with no host-device sync between logging intervals."""
+"""Gradient monitoring with no host-device sync between logging intervals.
+
+Its health flags are in :mod:`~lightning_tricks.callbacks.gradient_health`, its NaN guard in
+:mod:`~lightning_tricks.callbacks.nonfinite_guard`.
+"""
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -15,17 +18,12 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_tricks._compat import loss_scale, unscales_itself
-from lightning_tricks._io import checkpoint_dir, log_to_loggers
+from lightning_tricks._io import log_to_loggers
 from lightning_tricks._sharding import ShardSum, is_sharded, local
 from lightning_tricks.callbacks.gradient_health import GradientHealth
+from lightning_tricks.callbacks.nonfinite_guard import ACTIONS, NonFiniteGuard
 from lightning_tricks.functional._checks import check_choice, check_number
 from lightning_tricks.functional.gradients import GradientLayout
-
-ACTIONS = ("warn", "stop", "raise")
-
-
-class NonFiniteGradientError(RuntimeError):
-    """Raised by :class:`GradientMonitor` with ``on_nonfinite="raise"``."""
 
 
 class GradientMonitor(pl.Callback):
@@ -117,9 +115,7 @@ class GradientMonitor(pl.Callback):
         self.explode_ratio = explode_ratio
         self.patience = patience
         self.checkpoint_dir = checkpoint_dir
-        self.stopped_step: int | None = None
-        self.stop_message: str | None = None
-        self.checkpoint_path: str | None = None
+        self._guard = NonFiniteGuard(on_nonfinite, checkpoint_dir)
 
     # ------------------------------------------------------------------ setup (once per fit)
     @override
@@ -156,8 +152,7 @@ class GradientMonitor(pl.Callback):
         self._host_rows = self._norms.numpy() if single_cpu else None
         self._health = GradientHealth(self.layout.names, self.baseline_steps, self.vanish_ratio, self.explode_ratio,
                                       self.patience)
-        self._warned_nonfinite = False
-        self.stopped_step = self.stop_message = self.checkpoint_path = None
+        self._guard = NonFiniteGuard(self.on_nonfinite, self.checkpoint_dir)
         self._lr_of_group = self._lr_locations(trainer)
         # Optimizers that unscale inside step() (fused AdamW under 16-mixed) get scaled gradients here.
         self._self_unscaling = any(unscales_itself(o) for o in trainer.optimizers)
@@ -335,32 +330,21 @@ class GradientMonitor(pl.Callback):
     def _handle_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sq: np.ndarray,
                           before_update: bool, skip: Sequence[Tensor] | None = None) -> None:
         bad_rows = np.flatnonzero(~np.isfinite(sq).all(axis=1))
-        first = self._row_steps[bad_rows[0]]
         groups = [n for n, v in zip(self.layout.names, sq[bad_rows[0]]) if not math.isfinite(v)]
-        msg = (f"GradientMonitor: non-finite gradients at optimizer step {first} in group(s) {', '.join(groups)} "
-               f"(the first in the model's order: '{groups[0] if groups else '?'}').")
-        if self.on_nonfinite == "warn":
-            if not self._warned_nonfinite:
-                self._warned_nonfinite = True
-                rank_zero_warn(msg + " Training goes on (on_nonfinite='warn').")
-            return
-        if self.on_nonfinite == "raise":
-            raise NonFiniteGradientError(msg)
-        if before_update:  # skip the bad update (of the optimizer about to step): the weights stay the last finite ones
-            for p in skip if skip is not None else self.layout.params:
-                p.grad = None
-        self.stopped_step = first
-        trainer.should_stop = True
-        folder = checkpoint_dir(trainer, self.checkpoint_dir)
-        path = os.path.join(folder, f"nonfinite-step={first}.ckpt")
-        trainer.save_checkpoint(path)
-        self.checkpoint_path = path
-        nonfinite = any(not bool(torch.isfinite(local(p)).all()) for p in pl_module.parameters())  # exceptional path
-        if trainer.world_size > 1:
-            nonfinite = trainer.strategy.reduce_boolean_decision(nonfinite, all=False)
-        if nonfinite:
-            state = "(its weights are already non-finite: resume from an earlier checkpoint)."
-        else:
-            state = "(finite weights, from before the bad update)." if before_update else "(finite weights)."
-        self.stop_message = f"{msg} Training stopped (on_nonfinite='stop'); checkpoint: {path} {state}"
-        rank_zero_warn(self.stop_message)
+        self._guard.handle(trainer, pl_module, self._row_steps[bad_rows[0]], groups, before_update,
+                           skip if skip is not None else self.layout.params)
+
+    @property
+    def stopped_step(self) -> int | None:
+        """The optimizer step at which ``on_nonfinite="stop"`` stopped the run (``None``: it did not)."""
+        return self._guard.stopped_step
+
+    @property
+    def checkpoint_path(self) -> str | None:
+        """The checkpoint ``on_nonfinite="stop"`` wrote."""
+        return self._guard.checkpoint_path
+
+    @property
+    def stop_message(self) -> str | None:
+        """What the stop said: the step, the groups, the checkpoint and whether its weights are finite."""
+        return self._guard.stop_message
