@@ -97,7 +97,11 @@ class WeightAverage(EvaluatesOtherWeights, pl.Callback):
         averages, values = self._float_averages, self._float_targets
         if self.updates == 1:
             with torch.no_grad():
-                torch._foreach_copy_(averages, values)  # (copies across devices too)
+                if self.device is None:
+                    torch._foreach_copy_(averages, values)
+                else:  # an average elsewhere (host memory): tensor by tensor
+                    for average, value in zip(averages, values):
+                        average.copy_(value)
         else:
             update(averages, values, self.updates)
 
