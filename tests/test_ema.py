@@ -29,6 +29,20 @@ class Weights(pl.Callback):
             self.after_step.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
 
 
+def _assert_equals_timm(ema: EMA, states: list[dict[str, torch.Tensor]], decay: float, warmup: bool) -> None:
+    """Our average equals timm's ModelEmaV3 fed the same weights, update by update."""
+    from timm.utils import ModelEmaV3
+
+    reference = ModelEmaV3(TinyNet(), decay=decay, use_warmup=warmup)
+    for n, state in enumerate(states, start=1):
+        snapshot = TinyNet()
+        snapshot.load_state_dict(state)
+        reference.update(snapshot, step=n)
+    ours = ema.averaged_state_dict()
+    for key, value in reference.module.state_dict().items():
+        torch.testing.assert_close(ours[key], value, atol=1e-6, rtol=0)
+
+
 def test_decay_schedule_is_timms_and_half_life() -> None:
     from timm.utils import ModelEmaV3
 
@@ -43,7 +57,6 @@ def test_decay_schedule_is_timms_and_half_life() -> None:
 @pytest.mark.parametrize("warmup", [True, False])
 @pytest.mark.parametrize(("precision", "accumulate"), [("32", 1), ("32", 3), ("bf16-mixed", 2), ("16-mixed", 1)])
 def test_equals_timm_model_ema_v3(warmup: bool, precision: str, accumulate: int) -> None:
-    from timm.utils import ModelEmaV3
 
     weights, ema = Weights(), EMA(decay=0.9, warmup=warmup, keep_ema_at_end=False)
     kw: dict[str, Any] = ({"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
@@ -52,14 +65,7 @@ def test_equals_timm_model_ema_v3(warmup: bool, precision: str, accumulate: int)
     trainer = quiet_trainer(max_steps=12, accumulate_grad_batches=accumulate, callbacks=[weights, ema], **kw)
     trainer.fit(model, loader(128, 4))
     assert ema.updates == len(weights.after_step) == 12  # one update per optimizer step
-    reference = ModelEmaV3(TinyNet(), decay=0.9, use_warmup=warmup)
-    for n, state in enumerate(weights.after_step, start=1):
-        snapshot = TinyNet()
-        snapshot.load_state_dict(state)
-        reference.update(snapshot, step=n)
-    ours = ema.averaged_state_dict()
-    for key, value in reference.module.state_dict().items():
-        torch.testing.assert_close(ours[key], value, atol=1e-6, rtol=0)
+    _assert_equals_timm(ema, weights.after_step, decay=0.9, warmup=warmup)
 
 
 def test_equals_lightnings_ema_weight_averaging() -> None:
@@ -254,19 +260,10 @@ class OddSteps(EMA):
 
 
 def test_should_update_chooses_the_averaged_steps() -> None:
-    from timm.utils import ModelEmaV3
-
     weights, ema = Weights(), OddSteps(decay=0.9, keep_ema_at_end=False)
     quiet_trainer(max_steps=10, callbacks=[weights, ema]).fit(TinyNet(), loader(128, 4))
     assert len(weights.after_step) == 10 and ema.updates == 5
-    reference = ModelEmaV3(TinyNet(), decay=0.9, use_warmup=True)
-    for n, state in enumerate(weights.after_step[1::2], start=1):  # steps of index 1, 3, 5, 7, 9
-        snapshot = TinyNet()
-        snapshot.load_state_dict(state)
-        reference.update(snapshot, step=n)
-    ours = ema.averaged_state_dict()
-    for key, value in reference.module.state_dict().items():
-        torch.testing.assert_close(ours[key], value, atol=1e-6, rtol=0)
+    _assert_equals_timm(ema, weights.after_step[1::2], decay=0.9, warmup=True)  # steps of index 1, 3, 5, 7, 9
 
 
 def test_an_average_in_host_memory_equals_the_one_beside_the_weights() -> None:
