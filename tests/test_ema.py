@@ -57,7 +57,6 @@ def test_decay_schedule_is_timms_and_half_life() -> None:
 @pytest.mark.parametrize("warmup", [True, False])
 @pytest.mark.parametrize(("precision", "accumulate"), [("32", 1), ("32", 3), ("bf16-mixed", 2), ("16-mixed", 1)])
 def test_equals_timm_model_ema_v3(warmup: bool, precision: str, accumulate: int) -> None:
-
     weights, ema = Weights(), EMA(decay=0.9, warmup=warmup, keep_ema_at_end=False)
     kw: dict[str, Any] = ({"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
                           if precision == "16-mixed" else {"precision": precision})
