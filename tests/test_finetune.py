@@ -147,7 +147,7 @@ class SameBackboneOnRanks(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         finetune = next(cb for cb in trainer.callbacks if isinstance(cb, Finetune))
-        assert finetune._mode == "drop_grads" and finetune.unfrozen == 3
+        assert finetune.mode == "drop_grads" and finetune.unfrozen == 3
         assert not torch.equal(self.start, pl_module.backbone[0][0].weight)  # the bottom block trained at the end
 
 

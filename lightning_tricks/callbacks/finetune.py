@@ -76,6 +76,8 @@ class Finetune(pl.Callback):
         self.unfreeze_at, self.unit, self.unfreeze_every = unfreeze_at, unit, unfreeze_every
         self.train_bn, self.method = train_bn, method
         self.unfrozen = 0  # blocks unfrozen so far, from the top
+        #: The method of the current fit (``"auto"`` resolved at setup): ``"requires_grad"`` or ``"drop_grads"``.
+        self.mode: str | None = None
         self._blocks: list[list[nn.Module]] = []
         self._frozen: list[nn.Parameter] = []
 
@@ -114,7 +116,7 @@ class Finetune(pl.Callback):
                 "the parameters frozen when it wraps the model, and the ranks would drift apart after unfreezing. "
                 "Use method='drop_grads' (or 'auto')."
             )
-        self._mode = self.method if self.method != "auto" else (
+        self.mode = self.method if self.method != "auto" else (
             "requires_grad" if trainer.world_size == 1 else "drop_grads")
         self.unfrozen = 0  # a checkpoint's state, restored after setup, may set it
 
@@ -158,7 +160,7 @@ class Finetune(pl.Callback):
         self.unfrozen = unfrozen
         frozen_blocks = self._blocks[: len(self._blocks) - unfrozen]
         self._frozen = [p for block in frozen_blocks for p in self._block_parameters(block)]
-        if self._mode == "requires_grad":
+        if self.mode == "requires_grad":
             for block in self._blocks:
                 for p in self._block_parameters(block):
                     p.requires_grad_(True)
@@ -197,13 +199,13 @@ class Finetune(pl.Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self._mode == "drop_grads":
+        if self.mode == "drop_grads":
             for p in self._frozen:  # no fused form exists for dropping gradients; the list is empty once unfrozen
                 p.grad = None
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._mode == "requires_grad":  # the module leaves the fit as it came in
+        if self.mode == "requires_grad":  # the module leaves the fit as it came in
             for block in self._blocks:
                 for p in self._block_parameters(block):
                     p.requires_grad_(True)
